@@ -1,0 +1,91 @@
+"""The `luffy` command line.
+
+Every subcommand's arguments are declared here; its implementation is imported only when it runs, so `luffy operator`
+and `luffy crd` work in the operator image, which has no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+# subcommand -> "module:function" taking the parsed argparse.Namespace and returning an exit code.
+COMMANDS: dict[str, str] = {}
+
+
+def _command(name: str, target: str, help_text: str, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    COMMANDS[name] = target
+    return sub.add_parser(name, help=help_text, description=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="luffy", description="LUFFY training of reasoning LLMs, local or on Kubernetes.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command("train", "luffy_trainer.train:main", "Train a model with LUFFY (or a baseline) from a config.", sub)
+    p.add_argument("config", help="YAML config (see examples/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted path, e.g. --set algorithm.mode=grpo (repeatable)")
+    p.add_argument("--resume", action="store_true", help="require resuming from the newest checkpoint")
+
+    p = _command("quickstart", "luffy_trainer.quickstart:main",
+                 "Build the tiny model and arithmetic task, then train on them (what `make run` runs).", sub)
+    p.add_argument("--workdir", default="runs/quickstart", help="where the model, data and outputs go")
+    p.add_argument("--config", default="examples/quickstart.yaml", help="the quickstart config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = _command("make-tiny-model", "luffy_trainer.tiny:main",
+                 "Write a deterministic tiny Qwen2-style model and tokenizer (nothing downloaded).", sub)
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+
+    p = _command("serve-rollout", "luffy_trainer.rollout.serve:main",
+                 "Start a vLLM rollout server with luffy's weight-sync extension.", sub)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra arguments passed to vLLM after `--`")
+
+    p = _command("crd", "luffy_operator.crd:main", "Print the LuffyRun CustomResourceDefinition (YAML).", sub)
+
+    p = _command("operator", "luffy_operator.cli:main", "Run the LuffyRun operator (kopf) against a cluster.", sub)
+    p.add_argument("--namespace", "-n", action="append", default=[], help="watch only these namespaces")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    p.add_argument("--standalone", action="store_true", help="no peering (tests, single replica)")
+    return parser
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from luffy_trainer.config import ConfigError
+
+    try:
+        return int(_resolve(COMMANDS[args.command])(args) or 0)
+    except ConfigError as exc:
+        print(f"luffy {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"luffy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""The configuration of a luffy training run.
+
+These pydantic models are the single source of truth for a run: `luffy train` loads them from YAML, the operator
+embeds them in the LuffyRun spec (and the CRD schema is generated from them). This module must not import torch or
+vllm, because the operator image has neither.
+
+Python fields are snake_case; every field also accepts its camelCase alias, the spelling used in Kubernetes manifests.
+Defaults reproduce the released LUFFY main run (Qwen2.5-Math-7B, 8 GPUs); see README "Algorithm" for each choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+AlgorithmMode = Literal["luffy", "grpo", "sft", "rl_sft_loss"]
+Aggregation = Literal["token-sum", "token-mean", "seq-mean-token-mean"]
+DataFormat = Literal["luffy", "flat"]
+OverlongPolicy = Literal["drop", "error"]
+RolloutBackend = Literal["vllm", "vllm-server", "hf"]
+ModelDType = Literal["float32", "bfloat16", "float16"]
+ResumeMode = Literal["auto", "never", "required"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded; the message names each offending field by its full dotted path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown fields are errors, camelCase aliases are accepted."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=True,
+        validate_default=True,
+    )
+
+
+class ModelConfig(Section):
+    """The policy model to train (a Hugging Face directory or hub id resolvable offline)."""
+
+    path: str = Field("Elliott/Qwen2.5-Math-7B-16k-think", description="Model directory or Hugging Face id.")
+    dtype: ModelDType = Field("bfloat16", description="Parameter dtype for rollout and training.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+
+
+class LuffyColumns(Section):
+    """Column names of the released LUFFY/verl parquet schema."""
+
+    prompt: str = Field("prompt", description="Chat messages of the prompt ([system, user]).")
+    target: str = Field("target", description="The off-policy trace: one assistant message (or a list of them).")
+    ground_truth: str = Field(
+        "reward_model.ground_truth", description="Dotted path to the answer inside a struct column."
+    )
+
+
+class FlatColumns(Section):
+    """Column names of the flat format: one question, one answer, one worked solution per row."""
+
+    question: str = Field("question", description="The problem statement.")
+    answer: str = Field("answer", description="The ground-truth final answer.")
+    solution: str = Field("solution", description="A worked solution used as the off-policy trace.")
+
+
+class DataConfig(Section):
+    """Where prompts, answers and off-policy traces come from, and the length limits."""
+
+    train_files: list[str] = Field(
+        default_factory=lambda: ["data/openr1.parquet"],
+        min_length=1,
+        description="Parquet, JSONL or local `datasets` directories with the training rows.",
+    )
+    val_files: list[str] = Field(default_factory=list, description="Validation sets, same formats.")
+    format: DataFormat = Field("luffy", description="`luffy`: the released verl schema; `flat`: named columns.")
+    luffy_columns: LuffyColumns = Field(default_factory=LuffyColumns)
+    flat_columns: FlatColumns = Field(default_factory=FlatColumns)
+    system_prompt: str | None = Field(
+        None, description="System message added to flat-format prompts (the luffy format carries its own)."
+    )
+    max_prompt_length: PositiveInt = Field(1024, description="Longest templated prompt, in tokens.")
+    max_response_length: PositiveInt = Field(8192, description="Longest response or trace, in tokens (EOS included).")
+    overlong_prompt: OverlongPolicy = Field("error", description="What to do with a prompt over the limit.")
+    overlong_trace: OverlongPolicy = Field("drop", description="What to do with a row whose trace is over the limit.")
+    shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded, resumable).")
+
+
+class AlgorithmConfig(Section):
+    """The objective: group construction, advantage and policy loss (README "Algorithm")."""
+
+    mode: AlgorithmMode = Field(
+        "luffy",
+        description=(
+            "`luffy`: on-policy + off-policy samples in one group with policy shaping; `grpo`: on-policy only; "
+            "`sft`: traces only, NLL loss; `rl_sft_loss`: on-policy GRPO plus the NLL of the trace."
+        ),
+    )
+    n_on_policy: Annotated[int, Field(ge=0)] = Field(7, description="On-policy samples per prompt.")
+    n_off_policy: Annotated[int, Field(ge=0)] = Field(1, description="Off-policy traces per prompt (luffy mode).")
+    gamma: Annotated[float, Field(gt=0.0)] | None = Field(
+        0.1, description="Policy shaping f(p) = p/(p+gamma) on off-policy tokens; null means f(p) = p."
+    )
+    clip_eps: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="PPO clip range of on-policy ratios; null (the released LUFFY run) means no clip."
+    )
+    normalize_std: bool = Field(False, description="Divide group advantages by the unbiased group std + eps.")
+    std_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="Epsilon added to the group std.")
+    aggregation: Aggregation = Field("token-sum", description="How token losses are reduced to one scalar.")
+    norm_length: PositiveInt | None = Field(
+        None, description="Divisor of `token-sum`; null means data.maxResponseLength (the released constant)."
+    )
+    entropy_coeff: NonNegativeFloat = Field(0.001, description="Weight of the entropy bonus (0 disables it).")
+    off_policy_max_clip: Annotated[float, Field(gt=0.0)] | None = Field(
+        None, description="Upper clamp of the shaped off-policy weight f(p); null disables."
+    )
+    off_policy_min_clip: NonNegativeFloat | None = Field(
+        None, description="Lower clamp of the shaped off-policy weight f(p); null disables."
+    )
+    sft_loss_coef: NonNegativeFloat = Field(1.0, description="Weight of the trace NLL in `rl_sft_loss` mode.")
+
+    @model_validator(mode="after")
+    def _check_group(self) -> AlgorithmConfig:
+        if self.mode in ("luffy", "grpo", "rl_sft_loss") and self.n_on_policy < 1:
+            raise ValueError(f"n_on_policy must be at least 1 in mode {self.mode!r}")
+        if self.mode in ("luffy", "sft", "rl_sft_loss") and self.n_off_policy < 1:
+            raise ValueError(f"n_off_policy must be at least 1 in mode {self.mode!r}")
+        if (
+            self.off_policy_max_clip is not None
+            and self.off_policy_min_clip is not None
+            and self.off_policy_min_clip > self.off_policy_max_clip
+        ):
+            raise ValueError("off_policy_min_clip must not exceed off_policy_max_clip")
+        return self
+
+    @property
+    def uses_rollouts(self) -> bool:
+        """Whether this mode samples on-policy completions at all (`sft` does not)."""
+        return self.mode != "sft"
+
+    @property
+    def uses_traces_in_group(self) -> bool:
+        """Whether off-policy traces join the advantage group (only `luffy`)."""
+        return self.mode == "luffy"
+
+
+class RewardConfig(Section):
+    """How completions and traces are scored."""
+
+    name: str = Field("math_verify", description="A registered reward function (README \"Rewards\").")
+    timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        10.0, description="Longest time one sample may take to grade; a sample over it scores 0."
+    )
+    num_workers: PositiveInt = Field(2, description="Grading worker processes.")
+
+
+class RolloutConfig(Section):
+    """How on-policy completions are sampled."""
+
+    backend: RolloutBackend = Field(
+        "vllm", description="`vllm`: in-process engine; `vllm-server`: `vllm serve` replicas; `hf`: transformers."
+    )
+    server_urls: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of the rollout servers (backend vllm-server); env LUFFY_ROLLOUT_URLS overrides.",
+    )
+    temperature: NonNegativeFloat = Field(1.0, description="Sampling temperature of on-policy rollouts.")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling; -1 disables.")
+    max_tokens: PositiveInt | None = Field(None, description="Longest completion; null means data.maxResponseLength.")
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.8, description="Fraction of GPU memory the in-process vLLM engine may take."
+    )
+    tensor_parallel_size: PositiveInt = Field(1, description="Tensor-parallel degree of each vLLM engine.")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile in vLLM.")
+    max_model_len: PositiveInt | None = Field(
+        None, description="vLLM context length; null means maxPromptLength + maxResponseLength."
+    )
+    weight_sync_bucket_mb: PositiveInt = Field(256, description="Size of each weight-sync broadcast bucket.")
+    request_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        1800.0, description="Longest wait for one generation request to a rollout server."
+    )
+    unhealthy_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        300.0, description="How long to wait for at least one healthy rollout server before failing."
+    )
+
+
+class OptimizationConfig(Section):
+    """Optimizer, batch sizes and schedule."""
+
+    lr: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="AdamW learning rate.")
+    weight_decay: NonNegativeFloat = Field(0.01, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = Field(1.0, description="Max global grad norm; null: none.")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(0, description="Linear warmup, in optimizer steps.")
+    prompts_per_step: PositiveInt = Field(128, description="Prompts drawn per rollout batch.")
+    optimizer_steps_per_batch: PositiveInt = Field(
+        2, description="Mini-batches (optimizer steps) each rollout batch is split into."
+    )
+    micro_batch_tokens: PositiveInt = Field(
+        32768, description="Token budget of one forward/backward micro-batch (gradients are accumulated)."
+    )
+    total_steps: PositiveInt = Field(500, description="Rollout batches (training steps) to run.")
+    seed: int = Field(47, description="Seed of the data order, sampling and initialisation.")
+
+    @model_validator(mode="after")
+    def _check_minibatches(self) -> OptimizationConfig:
+        if self.prompts_per_step % self.optimizer_steps_per_batch:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must be divisible by "
+                f"optimizer_steps_per_batch ({self.optimizer_steps_per_batch})"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    """Where and how often the training state is saved."""
+
+    dir: str = Field("checkpoints", description="Directory of step checkpoints and the final model.")
+    every_steps: PositiveInt = Field(50, description="Save a checkpoint every N steps (and at the end).")
+    keep_last: PositiveInt = Field(2, description="How many step checkpoints to keep.")
+    resume: ResumeMode = Field(
+        "auto", description="`auto`: resume from the newest checkpoint if any; `never`; `required`: fail if none."
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow tracking. Environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID win."""
+
+    tracking_uri: str | None = Field(None, description="MLflow server URI; null: a local store in the working dir.")
+    experiment_name: str = Field("luffy", description="MLflow experiment.")
+    run_name: str | None = Field(None, description="MLflow run name.")
+    log_model: bool = Field(True, description="Log the final model as an MLflow transformers model.")
+    registered_model_name: str | None = Field(None, description="Register the final model under this name.")
+    registered_model_alias: str | None = Field(None, description="Alias pointed at the registered version.")
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
+    log_every_steps: PositiveInt = Field(1, description="Log step metrics every N steps.")
+
+
+class TrainConfig(Section):
+    """A whole training run: `luffy train CONFIG` reads one of these."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output_dir: str = Field("outputs", description="Where the final model and run artefacts are written.")
+
+    @property
+    def norm_length(self) -> int:
+        """The constant divisor of `token-sum` aggregation."""
+        return self.algorithm.norm_length or self.data.max_response_length
+
+    @property
+    def rollout_max_tokens(self) -> int:
+        return self.rollout.max_tokens or self.data.max_response_length
+
+    @property
+    def group_size(self) -> int:
+        """Samples per prompt that enter the advantage group."""
+        a = self.algorithm
+        return a.n_on_policy + (a.n_off_policy if a.uses_traces_in_group else 0)
+
+
+def format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    """One line per problem, each starting with the field's full dotted path (list indices included)."""
+    where = f" in {source}" if source else ""
+    lines = [f"invalid configuration{where}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str | None = None) -> TrainConfig:
+    """Validate a config mapping, raising ConfigError with full field paths."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration{' in ' + source if source else ''}: expected a mapping")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `--set dotted.key=value` override; the value is read as YAML (numbers, lists, null...)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested mapping (a copy); validation happens afterwards, so bad keys name their path."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config file, apply `dotted.key=value` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return parse_config(apply_overrides(data, overrides or []), source=str(path))
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The resolved config as YAML (snake_case keys), as logged to MLflow and written to ConfigMaps."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten_config(config: TrainConfig) -> dict[str, str]:
+    """Dotted-key view of the config, for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = "null" if node is None else str(node)
+
+    walk("", config.model_dump(mode="json"))
+    return flat

@@ -1,0 +1,1 @@
+"""Rollout engines: the engine protocol and its backends (vLLM in-process, vLLM servers, HF transformers)."""
