@@ -22,36 +22,65 @@ def _command(name: str, target: str, help_text: str, sub: argparse._SubParsersAc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="luffy", description="LUFFY training of reasoning LLMs, local or on Kubernetes.")
+    parser = argparse.ArgumentParser(
+        prog="luffy", description="LUFFY training of reasoning LLMs, local or on Kubernetes."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command("train", "luffy_trainer.train:main", "Train a model with LUFFY (or a baseline) from a config.", sub)
     p.add_argument("config", help="YAML config (see examples/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field by dotted path, e.g. --set algorithm.mode=grpo (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted path, e.g. --set algorithm.mode=grpo (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="require resuming from the newest checkpoint")
 
-    p = _command("quickstart", "luffy_trainer.quickstart:main",
-                 "Build the tiny model and arithmetic task, then train on them (what `make run` runs).", sub)
+    p = _command(
+        "quickstart",
+        "luffy_trainer.quickstart:main",
+        "Build the tiny model and arithmetic task, then train on them (what `make run` runs).",
+        sub,
+    )
     p.add_argument("--workdir", default="runs/quickstart", help="where the model, data and outputs go")
     p.add_argument("--config", default="examples/quickstart.yaml", help="the quickstart config")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["luffy"],
+        choices=["luffy", "grpo", "sft", "rl_sft_loss"],
+        help="algorithm modes to train and compare (same step budget)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    p = _command("make-tiny-model", "luffy_trainer.tiny:main",
-                 "Write a deterministic tiny Qwen2-style model and tokenizer (nothing downloaded).", sub)
+    p = _command(
+        "make-tiny-model",
+        "luffy_trainer.tiny:main",
+        "Write a deterministic tiny Qwen2-style model and tokenizer (nothing downloaded).",
+        sub,
+    )
     p.add_argument("dir", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
 
-    p = _command("serve-rollout", "luffy_trainer.rollout.serve:main",
-                 "Start a vLLM rollout server with luffy's weight-sync extension.", sub)
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p = _command(
+        "serve-rollout",
+        "luffy_trainer.rollout.serve:main",
+        "Start a vLLM rollout server with luffy's weight-sync extension.",
+        sub,
+    )
+    p.add_argument("--model", required=True, help="model directory (or a Hugging Face id resolvable offline)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--dtype", default="auto", help="weight dtype (float32 on CPU CI, bfloat16 on GPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + response)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of GPU memory vLLM may use")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (fast start)")
+    p.add_argument("--served-model-name", default="policy", help="model name in the OpenAI API")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra arguments passed to vLLM after `--`")
 
     p = _command("crd", "luffy_operator.crd:main", "Print the LuffyRun CustomResourceDefinition (YAML).", sub)

@@ -22,6 +22,7 @@ Aggregation = Literal["token-sum", "token-mean", "seq-mean-token-mean"]
 DataFormat = Literal["luffy", "flat"]
 OverlongPolicy = Literal["drop", "error"]
 RolloutBackend = Literal["vllm", "vllm-server", "hf"]
+WeightSyncBackend = Literal["auto", "gloo", "nccl"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
 ResumeMode = Literal["auto", "never", "required"]
 
@@ -155,7 +156,7 @@ class AlgorithmConfig(Section):
 class RewardConfig(Section):
     """How completions and traces are scored."""
 
-    name: str = Field("math_verify", description="A registered reward function (README \"Rewards\").")
+    name: str = Field("math_verify", description='A registered reward function (README "Rewards").')
     timeout_s: Annotated[float, Field(gt=0.0)] = Field(
         10.0, description="Longest time one sample may take to grade; a sample over it scores 0."
     )
@@ -185,6 +186,18 @@ class RolloutConfig(Section):
         None, description="vLLM context length; null means maxPromptLength + maxResponseLength."
     )
     weight_sync_bucket_mb: PositiveInt = Field(256, description="Size of each weight-sync broadcast bucket.")
+    weight_sync_backend: WeightSyncBackend = Field(
+        "auto", description="Transport of weight updates to rollout servers; `auto`: nccl with a GPU, else gloo."
+    )
+    weight_sync_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        600.0, description="Longest wait for a weight-sync group to form or one update to reach a rollout server."
+    )
+    max_inflight_requests: PositiveInt = Field(
+        64, description="Generation requests (one per prompt) in flight at once across all rollout servers."
+    )
+    request_attempts: PositiveInt = Field(
+        5, description="Tries per prompt before a batch fails; connection errors and 5xx are retried elsewhere."
+    )
     request_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
         1800.0, description="Longest wait for one generation request to a rollout server."
     )
@@ -245,6 +258,18 @@ class TrackingConfig(Section):
     log_every_steps: PositiveInt = Field(1, description="Log step metrics every N steps.")
 
 
+class ValidationConfig(Section):
+    """Held-out evaluation during training, on `data.val_files`."""
+
+    every_steps: Annotated[int, Field(ge=0)] = Field(
+        10, description="Evaluate every N steps (and at the end); 0: only at the end."
+    )
+    samples_per_prompt: PositiveInt = Field(1, description="Samples per problem (avg@k and pass@k use k of them).")
+    temperature: NonNegativeFloat = Field(0.6, description="Sampling temperature of validation generations.")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling threshold.")
+    max_tokens: PositiveInt | None = Field(None, description="Longest validation answer; null: maxResponseLength.")
+
+
 class TrainConfig(Section):
     """A whole training run: `luffy train CONFIG` reads one of these."""
 
@@ -255,6 +280,7 @@ class TrainConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = Field("outputs", description="Where the final model and run artefacts are written.")
 

@@ -1,0 +1,105 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1: params, buffered metrics, outages, resume."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import MlflowServer, free_port
+from luffy_trainer.config import TrackingConfig
+from luffy_trainer.tracking import STEP_MARKER, MlflowTracker, resolve_tracking_uri
+from mlflow.tracking import MlflowClient
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_params_metrics_and_text_artifact(mlflow_server, tmp_path):
+    tracker = MlflowTracker(
+        TrackingConfig(tracking_uri=mlflow_server.uri, experiment_name="t-basic", system_metrics=False),
+        workdir=tmp_path,
+    )
+    run_id = tracker.start({"algorithm.gamma": "0.1", "optimization.lr": "1e-06"})
+    for step in range(1, 4):
+        tracker.log_metrics(step, {"reward/mean": step / 10})
+    tracker.log_text("a: 1\n", "config/resolved.yaml")
+    tracker.finish()
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(run_id)
+    assert run.data.params["algorithm.gamma"] == "0.1"
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "reward/mean")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert [a.path for a in client.list_artifacts(run_id, "config")] == ["config/resolved.yaml"]
+
+
+def test_outage_buffers_metrics_and_delivers_them_later(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    tracker = MlflowTracker(
+        TrackingConfig(tracking_uri=server.uri, experiment_name="t-outage", system_metrics=False), workdir=tmp_path
+    )
+    run_id = tracker.start({})
+    try:
+        for step in (1, 2, 3):
+            tracker.log_metrics(step, {"loss/total": float(step)})
+        assert tracker.flush(timeout_s=30)
+        server.stop()
+        started = time.monotonic()
+        for step in range(4, 9):
+            tracker.log_metrics(step, {"loss/total": float(step)})
+        assert time.monotonic() - started < 1.0  # logging never waits for the server
+        assert not tracker.flush(timeout_s=3)  # the server is down: nothing can be sent
+        assert tracker.pending == 5
+        server.start()
+        assert tracker.flush(timeout_s=60)
+        tracker.finish()
+        client = MlflowClient(server.uri)
+        assert _steps(client, run_id, "loss/total") == list(range(1, 9))
+    finally:
+        server.stop()
+
+
+def test_resumed_tracker_continues_the_run_without_duplicate_steps(mlflow_server, tmp_path, monkeypatch):
+    config = TrackingConfig(tracking_uri=mlflow_server.uri, experiment_name="t-resume", system_metrics=False)
+    first = MlflowTracker(config, workdir=tmp_path)
+    run_id = first.start({"a": "1"})
+    for step in range(1, 6):
+        first.log_metrics(step, {"reward/mean": 0.0})
+    first.finish(status="FAILED")  # e.g. the pod died after step 5; its checkpoint was at step 3
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    second = MlflowTracker(config, workdir=tmp_path)
+    assert second.start({"a": "1"}) == run_id
+    assert second.last_logged_step == 5
+    for step in range(4, 8):  # steps 4 and 5 are trained again after resuming from step 3
+        second.log_metrics(step, {"reward/mean": 1.0})
+    second.finish()
+    client = MlflowClient(mlflow_server.uri)
+    assert _steps(client, run_id, "reward/mean") == [1, 2, 3, 4, 5, 6, 7]
+    assert _steps(client, run_id, STEP_MARKER) == [1, 2, 3, 4, 5, 6, 7]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_unreachable_server_fails_with_a_clear_error(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    tracker = MlflowTracker(
+        TrackingConfig(tracking_uri=uri, system_metrics=False), workdir=tmp_path, connect_timeout_s=2
+    )
+    with pytest.raises(RuntimeError, match=f"cannot reach the MLflow tracking server at {uri}"):
+        tracker.start({})
+
+
+def test_unknown_run_id_is_refused_not_retried(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
+    tracker = MlflowTracker(TrackingConfig(tracking_uri=mlflow_server.uri, system_metrics=False), workdir=tmp_path)
+    with pytest.raises(RuntimeError, match="refused to open the MLflow run"):
+        tracker.start({})
+
+
+def test_environment_overrides_config(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://a:5000"), tmp_path) == "http://a:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://b:5000")
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://a:5000"), tmp_path) == "http://b:5000"
