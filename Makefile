@@ -6,12 +6,16 @@ BIN := $(VENV)/bin
 #   make test TORCH_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu"
 TORCH_INDEX ?=
 EXTRAS ?= operator,trainer,cpu,test
+# The chart tests render with Helm's Go library (helm-sdkpy), which needs Python >= 3.12: a side venv holds it.
+# A pyenv 3.12 is preferred (its shim refuses to run while another version is the global one).
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+VENV312 ?= .venv312
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup test lint run crd clean
+.PHONY: setup chart-venv test lint run crd clean
 
 setup: $(VENV)/.installed
 
@@ -24,11 +28,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $@
 
+chart-venv: $(VENV312)/.installed
+
+$(VENV312)/.installed: tests/chart/requirements-helm.txt
+	@$(PYTHON312) -c 'import sys; assert sys.version_info >= (3, 12), "the chart tests need Python >= 3.12 (helm-sdkpy)"'
+	test -x $(VENV312)/bin/python || $(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/pip install --quiet -r tests/chart/requirements-helm.txt
+	touch $@
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint chart-venv
 	$(BIN)/python -m pytest -q -ra
 
 run: setup
@@ -38,4 +50,4 @@ crd: setup
 	$(BIN)/luffy crd > crds/luffyruns.luffy.dev.yaml
 
 clean:
-	rm -rf $(VENV) mlruns runs outputs checkpoints
+	rm -rf $(VENV) $(VENV312) mlruns runs outputs checkpoints

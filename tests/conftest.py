@@ -13,6 +13,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 import pytest
+from servers import MlflowServer
 
 
 @pytest.fixture(scope="session")
@@ -31,94 +32,15 @@ def tiny_model_b_dir(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-b"), seed=1))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` process on 127.0.0.1 that a test can stop and start again on the same port."""
-
-    def __init__(self, root, port: int | None = None) -> None:
-        self.root = root
-        self.port = port or free_port()
-        self.process = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 90.0) -> MlflowServer:
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-        from pathlib import Path
-
-        mlflow_cli = Path(sys.executable).with_name("mlflow")
-        self.log = open(Path(self.root) / "server.log", "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [
-                str(mlflow_cli),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.root}/mlflow.db",
-                "--artifacts-destination",
-                f"{self.root}/artifacts",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # No background job runner (seven extra processes, unused by luffy): faster start and stop.
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: see {self.root}/server.log")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow server not healthy after {timeout_s}s")
-
-    def stop(self) -> None:
-        import os
-        import signal
-        import time
-
-        if self.process is not None:
-            # The server, its uvicorn worker and job runners share one process group: wait until all are gone,
-            # so that the port is really closed when stop() returns.
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    os.killpg(self.process.pid, 0)
-                    self.process.poll()
-                    time.sleep(0.2)
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=30)
-        self.process = None
-        self.log.close()
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """One real tracking server for the session's integration tests."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(mlflow_server) -> str:
+    """The URI of the session's tracking server."""
+    return mlflow_server.uri

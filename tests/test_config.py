@@ -98,6 +98,12 @@ def test_yaml_file_with_overrides(tmp_path):
         load_config(path, ["tracking.x.y=1"])
 
 
+def test_snake_case_override_replaces_camel_case_key():
+    data = apply_overrides({"data": {"trainFiles": ["a"]}, "outputDir": "x"}, ["data.train_files=[b]", "output_dir=y"])
+    assert data == {"data": {"trainFiles": ["b"]}, "outputDir": "y"}
+    assert parse_config(data).data.train_files == ["b"]
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         apply_overrides({}, ["algorithm.gamma"])

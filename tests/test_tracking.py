@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import MlflowServer, free_port
 from luffy_trainer.config import TrackingConfig
 from luffy_trainer.tracking import STEP_MARKER, MlflowTracker, resolve_tracking_uri
 from mlflow.tracking import MlflowClient
+from servers import MlflowServer, free_port
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -103,3 +103,21 @@ def test_environment_overrides_config(monkeypatch, tmp_path):
     assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://a:5000"), tmp_path) == "http://a:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://b:5000")
     assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://a:5000"), tmp_path) == "http://b:5000"
+
+
+def test_metric_names_with_at_sign_are_logged_and_rejected_batches_do_not_block(mlflow_server, tmp_path):
+    tracker = MlflowTracker(
+        TrackingConfig(tracking_uri=mlflow_server.uri, experiment_name="t-names", system_metrics=False),
+        workdir=tmp_path,
+    )
+    run_id = tracker.start({})
+    tracker.log_metrics(1, {"val/math/avg@4": 0.5})
+    tracker.log_metrics(2, {"bad name!": 1.0})  # MLflow refuses '!': this step is dropped with an error
+    tracker.log_metrics(3, {"val/math/avg@4": 0.75})
+    assert tracker.flush(timeout_s=30)
+    tracker.finish()
+    client = MlflowClient(mlflow_server.uri)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val/math/avg_at_4")) == [
+        (1, 0.5),
+        (3, 0.75),
+    ]

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 AlgorithmMode = Literal["luffy", "grpo", "sft", "rl_sft_loss"]
 Aggregation = Literal["token-sum", "token-mean", "seq-mean-token-mean"]
@@ -338,14 +338,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         keys, value = parse_override(item)
         node = out
         for k in keys[:-1]:
+            k = _existing_spelling(node, k)
             child = node.get(k)
             if child is None:
                 child = node[k] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
             node = child
-        node[keys[-1]] = value
+        node[_existing_spelling(node, keys[-1])] = value
     return out
+
+
+def _existing_spelling(node: dict[str, Any], key: str) -> str:
+    """The key already used in `node` for the same field (`train_files` and `trainFiles` are one field)."""
+    return next((k for k in node if to_snake(k) == to_snake(key)), key)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -51,8 +51,10 @@ def _corpus(seed: int = 1234, lines: int = 5000) -> list[str]:
         a, b = rng.randint(0, 999), rng.randint(0, 999)
         op = rng.choice("+-*")
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        out.append(f"What is {a} {op} {b}? Think step by step. <think>\n{a} {op} {b} = {value}\n</think>\n"
-                   f"The answer is \\boxed{{{value}}}.")
+        out.append(
+            f"What is {a} {op} {b}? Think step by step. <think>\n{a} {op} {b} = {value}\n</think>\n"
+            f"The answer is \\boxed{{{value}}}."
+        )
     return out
 
 

@@ -120,7 +120,7 @@ class MlflowTracker:
             try:
                 return action()
             except Exception as exc:
-                if _is_client_error(exc):
+                if not _is_transient(exc):
                     raise RuntimeError(f"MLflow at {self.uri} refused to {what}: {exc}") from exc
                 if time.monotonic() > deadline:
                     raise RuntimeError(
@@ -148,7 +148,7 @@ class MlflowTracker:
         """Queue the metrics of `step` (skipped if the run already has this step)."""
         if step <= self.last_logged_step:
             return
-        values = {k: float(v) for k, v in metrics.items()}
+        values = {metric_name(k): float(v) for k, v in metrics.items()}
         values[STEP_MARKER] = float(step)
         with self._lock:
             self._queue.append((step, values, int(time.time() * 1000)))
@@ -174,12 +174,12 @@ class MlflowTracker:
     def _send_queued(self) -> bool:
         from mlflow.entities import Metric
 
+        one_step_at_a_time = False  # after a rejected batch, find the offending step(s) and drop only those
         while True:
             with self._lock:
-                batch = []
-                count = 0
+                batch, count = [], 0
                 for step, values, ts in self._queue:
-                    if batch and count + len(values) > METRICS_PER_REQUEST:
+                    if batch and (one_step_at_a_time or count + len(values) > METRICS_PER_REQUEST):
                         break
                     batch.append((step, values, ts))
                     count += len(values)
@@ -189,12 +189,17 @@ class MlflowTracker:
             try:
                 self.client.log_batch(self.run_id, metrics=metrics)
             except Exception as exc:
-                if self._outage_since is None:
-                    self._outage_since = time.monotonic()
-                    log.warning(
-                        "MLflow tracking server unreachable (%s); buffering metrics until it is back", _short(exc)
-                    )
-                return False
+                if _is_transient(exc):
+                    if self._outage_since is None:
+                        self._outage_since = time.monotonic()
+                        log.warning(
+                            "MLflow tracking server unreachable (%s); buffering metrics until it is back", _short(exc)
+                        )
+                    return False
+                if len(batch) > 1:
+                    one_step_at_a_time = True
+                    continue
+                log.error("MLflow rejected the metrics of step %d, dropped: %s", batch[0][0], _short(exc))
             with self._lock:
                 for _ in batch:
                     self._queue.popleft()
@@ -244,6 +249,8 @@ class MlflowTracker:
                         name="model",
                         task="text-generation",
                         registered_model_name=name,
+                        # Stated, not inferred: inference imports every optional transformers dependency.
+                        pip_requirements=model_requirements(),
                     )
             finally:
                 mlflow.set_tracking_uri(previous)  # None also removes the environment variable
@@ -281,14 +288,26 @@ class MlflowTracker:
             log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, _short(exc))
 
 
-def _is_client_error(exc: Exception) -> bool:
-    """A 4xx answer from the server (bad request, not found, ...): retrying cannot help."""
+def metric_name(name: str) -> str:
+    """MLflow metric names allow no '@': `val/math/avg@8` is logged as `val/math/avg_at_8`."""
+    return name.replace("@", "_at_")
+
+
+def model_requirements() -> list[str]:
+    """The packages that load the logged model, at the versions that trained it."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "transformers", "safetensors", "tokenizers")]
+
+
+def _is_transient(exc: Exception) -> bool:
+    """A network failure or a 5xx answer, worth retrying; anything else (4xx, a local error) is not."""
+    import requests
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        code = getattr(exc, "get_http_status_code", lambda: 500)()
-        return 400 <= code < 500
-    return False
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError))
 
 
 def _short(exc: Exception) -> str:

@@ -56,7 +56,11 @@ class RolloutEngine(Protocol):
         params: SamplingParams,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        """`n` completions for each prompt, in prompt order; each prompt is answered exactly once."""
+        """`n` completions for each prompt, in prompt order; each prompt is answered exactly once.
+
+        With a `seed`, prompt i samples from a seed derived from (seed, i), so a batch is reproducible whichever
+        replica answers each prompt. Greedy decoding (temperature 0) returns the one greedy completion `n` times.
+        """
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

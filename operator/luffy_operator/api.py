@@ -1,0 +1,572 @@
+"""The LuffyRun API (`luffy.dev/v1alpha1`): spec and status models, the source of the CRD in `crds/`.
+
+The spec embeds the trainer's own config sections from `luffy_trainer.config` (model, data, algorithm, reward,
+optimization, validation, and the sampling part of rollout / checkpoint / tracking), so a LuffyRun is validated by the
+same models `luffy train` uses. Everything Kubernetes-facing is camelCase (the models' aliases); dump with
+`by_alias=True` for manifests.
+
+Only `suspend`, `rollout.replicas`, `failurePolicy` and `cleanup` may change after creation (`MUTABLE_PATHS`); the CRD
+enforces that with CEL rules and the operator refuses such changes with a condition where no API server did.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from luffy_trainer.config import (
+    AlgorithmConfig,
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    OptimizationConfig,
+    RewardConfig,
+    RolloutConfig,
+    Section,
+    TrackingConfig,
+    ValidationConfig,
+    format_validation_error,
+)
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.json_schema import WithJsonSchema
+
+GROUP = "luffy.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LuffyRun"
+PLURAL = "luffyruns"
+SINGULAR = "luffyrun"
+SHORT_NAMES = ["lr"]
+CATEGORIES = ["luffy", "all"]
+
+# A run's name becomes DNS names of its pods (`<run>-rollout-12.<run>-rollout`), hence an RFC 1035 label, short.
+MAX_NAME_LENGTH = 40
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+# Spec fields (camelCase paths below `spec`) that may change while a run exists; everything else is immutable.
+MUTABLE_PATHS: tuple[tuple[str, ...], ...] = (
+    ("suspend",),
+    ("rollout", "replicas"),
+    ("failurePolicy",),
+    ("cleanup",),
+)
+
+# Fields the trainer config defaults but a LuffyRun must state: a pod has no sensible default model or data path.
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": ("path",),
+    "data": ("trainFiles",),
+    "mlflow": ("trackingUri",),
+}
+
+# Environment variables the operator sets itself; a user's `env` may not override them.
+RESERVED_ENV_NAMES = frozenset(
+    {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "JOB_COMPLETION_INDEX",
+        "HF_HOME",
+        "HOME",
+        "VLLM_SERVER_DEV_MODE",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+    }
+)
+RESERVED_ENV_PREFIXES = ("LUFFY_", "PET_")
+
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8Gi, 500m, 2)")
+    return value
+
+
+# A Kubernetes resource quantity: an integer or a string such as "8Gi"; the CRD marks it int-or-string.
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+        }
+    ),
+]
+K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME_PATTERN)]
+
+
+class SpecError(ValueError):
+    """A LuffyRun spec the operator cannot run; the message names each offending field as `spec.<path>`."""
+
+
+def derived_section(base: type[Section], name: str, doc: str, exclude: set[str]) -> type[Section]:
+    """A section with the trainer's own field definitions of `base`, less those the operator sets itself."""
+    fields: dict[str, Any] = {
+        key: (info.annotation, info) for key, info in base.model_fields.items() if key not in exclude
+    }
+    return create_model(name, __base__=Section, __doc__=doc, **fields)
+
+
+RolloutSampling = derived_section(
+    RolloutConfig,
+    "RolloutSampling",
+    "How on-policy completions are sampled (the trainer's rollout settings).",
+    exclude={"backend", "server_urls"},
+)
+CheckpointSchedule = derived_section(
+    CheckpointConfig,
+    "CheckpointSchedule",
+    "How often the training state is saved and whether a restart resumes from it.",
+    exclude={"dir"},
+)
+
+
+# --- Kubernetes building blocks -------------------------------------------------------------------------------------
+
+
+class ResourceRequirements(Section):
+    """CPU, memory and other resources of one container (GPUs are set by the GPU count fields, not here)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources, e.g. cpu: 8.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources, e.g. memory: 64Gi.")
+
+
+class KeyReference(Section):
+    """One key of a Secret or ConfigMap in the run's namespace."""
+
+    name: K8sName = Field(description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="Key inside it.")
+    optional: bool = Field(False, description="Start the pod even if the key is missing.")
+
+
+class EnvVarSource(Section):
+    """Where an environment variable's value comes from."""
+
+    secret_key_ref: KeyReference | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: KeyReference | None = Field(None, description="A key of a ConfigMap.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("set exactly one of secretKeyRef and configMapKeyRef")
+        return self
+
+
+class EnvVar(Section):
+    """An extra environment variable of the run's containers (e.g. HF_TOKEN from a Secret, NCCL settings)."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
+    value: str | None = Field(None, max_length=32768, description="Literal value.")
+    value_from: EnvVarSource | None = Field(None, description="Value read from a Secret or ConfigMap key.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
+            raise ValueError(f"{name} is set by the operator and cannot be overridden")
+        return name
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
+
+
+class Toleration(Section):
+    """A Kubernetes toleration, e.g. for the taint on GPU nodes."""
+
+    key: str | None = Field(None, max_length=316, description="Taint key; empty with operator Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="How the value is compared.")
+    value: str | None = Field(None, max_length=63, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+EnvList = Annotated[list[EnvVar], Field(max_length=64)]
+
+
+# --- spec sections --------------------------------------------------------------------------------------------------
+
+
+class RolloutSpec(RolloutSampling):
+    """The rollout servers: a StatefulSet of `vllm serve` replicas with luffy's weight-sync extension."""
+
+    replicas: int = Field(1, ge=1, le=64, description="Number of vLLM servers. Changing it restarts the trainer.")
+    gpus_per_replica: int = Field(
+        1, ge=0, le=16, description="GPUs per server (at least tensorParallelSize); 0 runs vLLM on CPU."
+    )
+    image: str | None = Field(None, min_length=1, max_length=512, description="Image override; default spec.image.")
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    env: EnvList = Field(default_factory=list, description="Extra environment variables.")
+    shm_size_limit: Quantity | None = Field(None, description="Size limit of the memory-backed /dev/shm.")
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Extra `vllm serve` arguments, passed after `--`."
+    )
+    startup_timeout_seconds: int = Field(
+        1800, ge=60, le=86400, description="How long a server may take to load its model before it is restarted."
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel_fits(self) -> RolloutSpec:
+        if self.gpus_per_replica and self.tensor_parallel_size > self.gpus_per_replica:
+            raise ValueError(
+                f"tensorParallelSize ({self.tensor_parallel_size}) exceeds gpusPerReplica ({self.gpus_per_replica})"
+            )
+        return self
+
+
+class TrainerSpec(Section):
+    """The trainer: an Indexed Job of torchrun ranks, one pod per node."""
+
+    nodes: int = Field(1, ge=1, le=64, description="Trainer pods (torchrun nodes).")
+    gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs (torchrun processes) per pod; 0 trains on CPU.")
+    image: str | None = Field(None, min_length=1, max_length=512, description="Image override; default spec.image.")
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    env: EnvList = Field(default_factory=list, description="Extra environment variables.")
+    shm_size_limit: Quantity | None = Field(None, description="Size limit of the memory-backed /dev/shm.")
+    weight_sync_port: int = Field(
+        29600,
+        ge=1024,
+        le=65000,
+        description="First port of the weight-sync groups on trainer rank 0 (one per rollout replica).",
+    )
+
+
+class CheckpointSpec(CheckpointSchedule):
+    """Checkpoint storage: a new PersistentVolumeClaim (size) or an existing one (existingClaim), mounted at
+    /checkpoints; the run writes below /checkpoints/<subPath>."""
+
+    existing_claim: K8sName | None = Field(None, description="Use this PVC instead of creating one.")
+    size: Quantity | None = Field(None, description="Size of the PVC the operator creates, e.g. 500Gi.")
+    storage_class_name: str | None = Field(None, max_length=253, description="StorageClass of the new PVC.")
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
+        "ReadWriteOnce", description="Access mode of the new PVC; several trainer nodes need ReadWriteMany."
+    )
+    retain_claim: bool = Field(False, description="Keep the new PVC when the LuffyRun is deleted.")
+    sub_path: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][-._A-Za-z0-9]*$",
+        description="Directory of this run on the volume; default the run's name.",
+    )
+
+    @model_validator(mode="after")
+    def _one_volume(self) -> CheckpointSpec:
+        if (self.existing_claim is None) == (self.size is None):
+            raise ValueError("set exactly one of existingClaim and size")
+        return self
+
+
+class SecretReference(Section):
+    """MLflow credentials in a Secret of the run's namespace; keys that are missing are skipped."""
+
+    name: K8sName = Field(description="Secret name.")
+    username_key: str = Field("username", max_length=253, description="Key of MLFLOW_TRACKING_USERNAME.")
+    password_key: str = Field("password", max_length=253, description="Key of MLFLOW_TRACKING_PASSWORD.")
+    token_key: str = Field("token", max_length=253, description="Key of MLFLOW_TRACKING_TOKEN.")
+
+
+class MlflowSpec(TrackingConfig):
+    """MLflow tracking. The operator creates the run, so every trainer restart continues the same one."""
+
+    credentials_secret: SecretReference | None = Field(None, description="Secret with the MLflow credentials.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s):// URL of an MLflow tracking server")
+        return value
+
+
+class FailurePolicy(Section):
+    """What happens when the trainer fails."""
+
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="Restarts of the whole trainer from its latest checkpoint before the run fails."
+    )
+
+
+CleanupAction = Literal["Keep", "Delete"]
+
+
+class CleanupPolicy(Section):
+    """What happens to the workloads of a finished run. The rollout is scaled to zero either way; `Delete` also
+    removes the trainer Job, the StatefulSet, Services, NetworkPolicies and RBAC (the ConfigMap and PVC stay)."""
+
+    on_success: CleanupAction = Field("Keep", description="After the trainer succeeded.")
+    on_failure: CleanupAction = Field("Keep", description="After the run failed (pods kept for their logs).")
+
+
+class SchedulingSpec(Section):
+    """Where the run's pods go: node selection, taints, priority and the Kueue queue."""
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, description="Node labels every pod requires."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerated taints.")
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
+    queue_name: str | None = Field(
+        None, max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."
+    )
+    gpu_resource_name: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU.")
+
+
+class ModelCacheSpec(Section):
+    """Where downloaded model weights live (HF_HOME=/models/huggingface): an existing PVC shared by the run's pods,
+    or a per-pod emptyDir."""
+
+    claim_name: K8sName | None = Field(None, description="Existing PVC; default an emptyDir per pod.")
+    size_limit: Quantity | None = Field(None, description="Size limit of the emptyDir.")
+
+
+class DataVolumeSpec(Section):
+    """An existing PVC with training data and/or model weights, mounted into the trainer and rollout pods (pods on
+    several nodes need a ReadOnlyMany or ReadWriteMany volume)."""
+
+    claim_name: K8sName = Field(description="PVC name.")
+    mount_path: str = Field("/data", max_length=253, pattern=r"^/[^:]*$", description="Where it is mounted.")
+    read_only: bool = Field(True, description="Mount read-only.")
+
+
+class LuffyRunSpec(Section):
+    """The desired LUFFY training run."""
+
+    image: str = Field(min_length=1, max_length=512, description="Container image with luffy (trainer and vLLM).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy.")
+    image_pull_secrets: list[K8sName] = Field(default_factory=list, max_length=16, description="Pull Secrets.")
+    suspend: bool = Field(
+        False, description="Stop the trainer and scale the rollout to zero; false resumes from the checkpoint."
+    )
+    model: ModelConfig = Field(description="The policy model.")
+    data: DataConfig = Field(description="Training data (paths inside the trainer pods).")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    checkpoint: CheckpointSpec = Field(description="Checkpoint volume and schedule.")
+    mlflow: MlflowSpec | None = Field(None, description="MLflow tracking; without it metrics stay inside the pod.")
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy)
+    cleanup: CleanupPolicy = Field(default_factory=CleanupPolicy)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
+    data_volume: DataVolumeSpec | None = Field(None, description="Existing PVC with training data or model weights.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _required_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for section, keys in REQUIRED_FIELDS.items():
+                value = _by_either_name(data, section)
+                if isinstance(value, dict):
+                    missing = [k for k in keys if _by_either_name(value, k) is None]
+                    if missing:
+                        raise ValueError(f"spec.{section}.{missing[0]} is required in a LuffyRun")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LuffyRunSpec:
+        shared = self.checkpoint.size is None or self.checkpoint.access_mode == "ReadWriteMany"
+        if self.trainer.nodes > 1 and not shared:
+            raise ValueError("spec.checkpoint.accessMode must be ReadWriteMany when spec.trainer.nodes > 1")
+        gpu = self.scheduling.gpu_resource_name
+        for component, count in (("trainer", "gpusPerNode"), ("rollout", "gpusPerReplica")):
+            if gpu in getattr(self, component).resources.limits | getattr(self, component).resources.requests:
+                raise ValueError(f"spec.{component}.resources: set GPUs with spec.{component}.{count}, not as {gpu}")
+        return self
+
+    @property
+    def uses_rollouts(self) -> bool:
+        """Whether the run needs rollout servers (every mode but `sft`)."""
+        return self.algorithm.uses_rollouts
+
+    @property
+    def rollout_image(self) -> str:
+        return self.rollout.image or self.image
+
+    @property
+    def trainer_image(self) -> str:
+        return self.trainer.image or self.image
+
+
+def _by_either_name(data: dict[str, Any], camel: str) -> Any:
+    """A key of raw input given in camelCase or snake_case (the models accept both)."""
+    if camel in data:
+        return data[camel]
+    return data.get(re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower())
+
+
+# --- status ---------------------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class Condition(Section):
+    """One aspect of the run's state (metav1.Condition shape)."""
+
+    type: str = Field(description="SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str = Field(description="CamelCase reason of the last transition.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status or reason last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="metadata.generation this condition was computed at.")
+
+
+class RolloutStatus(Section):
+    """The rollout servers as last observed."""
+
+    desired: int = Field(0, description="Replicas the operator wants now (0 when suspended or finished).")
+    ready: int = Field(0, description="Replicas passing their readiness probe.")
+
+
+class TrainerStatus(Section):
+    """The current trainer Job as last observed."""
+
+    attempt: int = Field(0, description="Which attempt the current Job is (0 first, then one per restart).")
+    active: int = Field(0, description="Trainer pods running or starting.")
+    ready: int = Field(0, description="Trainer pods ready.")
+    succeeded: int = Field(0, description="Trainer pods that finished successfully.")
+    failed: int = Field(0, description="Trainer pods that failed in this attempt.")
+
+
+class ProgressStatus(Section):
+    """Training progress, reported by trainer rank 0."""
+
+    step: int = Field(0, description="Last completed training step.")
+    total_steps: int = Field(0, description="Steps the run will take.")
+    reward: float | None = Field(None, description="Mean on-policy reward of the last step.")
+    updated_time: str | None = Field(None, description="When the trainer last reported (RFC 3339).")
+
+
+class MlflowStatus(Section):
+    """The MLflow run the operator created for this LuffyRun."""
+
+    run_id: str | None = Field(None, description="MLflow run id (passed to the trainer as MLFLOW_RUN_ID).")
+    experiment_id: str | None = Field(None, description="MLflow experiment id.")
+    url: str | None = Field(None, description="Link to the run in the MLflow UI.")
+    model_name: str | None = Field(None, description="Registered model name.")
+    model_version: str | None = Field(None, description="Registered model version produced by this run.")
+
+
+class LuffyRunStatus(Section):
+    """The observed state of a LuffyRun, maintained by the operator (progress by the trainer)."""
+
+    phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed.")
+    reason: str | None = Field(None, description="Why the run is in this phase (CamelCase).")
+    message: str | None = Field(None, description="Human-readable detail of the phase.")
+    observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions, one per type.")
+    restarts: int = Field(0, description="Trainer restarts so far (kept across Job re-creation).")
+    rollout: RolloutStatus = Field(default_factory=RolloutStatus)
+    trainer: TrainerStatus = Field(default_factory=TrainerStatus)
+    progress: ProgressStatus | None = Field(None, description="Training progress reported by the trainer.")
+    mlflow: MlflowStatus | None = Field(None, description="The run's MLflow run and registered model.")
+    start_time: str | None = Field(None, description="When the trainer first ran (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the run succeeded or failed (RFC 3339).")
+    finalized: bool = Field(
+        False, description="The run has finished and the operator has completed its cleanup; status is final."
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the CRD constrains."""
+
+    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN, description="Run name (a DNS label).")
+
+
+class LuffyRun(BaseModel):
+    """A LUFFY training run: vLLM rollout servers plus a torchrun trainer, tracked in MLflow."""
+
+    api_version: str = Field(API_VERSION, alias="apiVersion", description="luffy.dev/v1alpha1")
+    kind: str = Field(KIND, description="LuffyRun")
+    metadata: ObjectMeta
+    spec: LuffyRunSpec
+    status: LuffyRunStatus | None = None
+
+
+# --- helpers on raw objects -----------------------------------------------------------------------------------------
+
+
+def parse_spec(spec: Any) -> LuffyRunSpec:
+    """Validate a raw spec, raising SpecError with one `spec.<path>: problem` line per error."""
+    if not isinstance(spec, dict):
+        raise SpecError("spec: must be a mapping")
+    try:
+        return LuffyRunSpec.model_validate(spec)
+    except ValidationError as err:
+        lines = format_validation_error(err).splitlines()[1:]
+        raise SpecError("invalid spec: " + "; ".join(_prefixed(line.strip()) for line in lines)) from None
+
+
+def _prefixed(line: str) -> str:
+    path, sep, problem = line.partition(": ")
+    problem = problem.removeprefix("Value error, ")
+    if path == "(top level)":
+        return problem if problem.startswith("spec.") else f"spec: {problem}"
+    return f"spec.{_camel_path(path)}{sep}{problem}"
+
+
+def _camel_path(path: str) -> str:
+    """`rollout.gpus_per_replica` -> `rollout.gpusPerReplica` (pydantic reports field names, users write aliases)."""
+    return ".".join(re.sub(r"_([a-z])", lambda m: m.group(1).upper(), part) for part in path.split("."))
+
+
+def check_name(name: str) -> None:
+    """A run's name must fit the DNS names derived from it."""
+    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+        raise SpecError(
+            f"metadata.name: {name!r} must be a lowercase DNS label of at most {MAX_NAME_LENGTH} characters "
+            "starting with a letter (it names the run's pods and Services)"
+        )
+
+
+def dump_spec(spec: LuffyRunSpec) -> dict[str, Any]:
+    """The spec as Kubernetes spells it (camelCase, JSON types)."""
+    return spec.model_dump(mode="json", by_alias=True)
+
+
+def is_mutable(path: tuple[str, ...]) -> bool:
+    return any(path[: len(m)] == m for m in MUTABLE_PATHS)
+
+
+def immutable_changes(accepted: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`spec.<path>` of every immutable field that differs between two dumped specs."""
+    return [f"spec.{'.'.join(p)}" for p in _diff_paths(accepted, current, ()) if not is_mutable(p)]
+
+
+def _diff_paths(old: Any, new: Any, prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _diff_paths(old.get(key), new.get(key), (*prefix, key))
+    elif old != new:
+        yield prefix
+
+
+def with_mutable_fields(accepted: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The accepted spec with the mutable fields taken from the current one (immutable edits refused)."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in accepted.items()}
+    for path in MUTABLE_PATHS:
+        source, target = current, merged
+        for key in path[:-1]:
+            source = source.get(key, {})
+            target = target.setdefault(key, {})
+        if path[-1] in source:
+            target[path[-1]] = source[path[-1]]
+    return merged

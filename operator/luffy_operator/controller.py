@@ -1,0 +1,167 @@
+"""The reconciler's edges: observe the children and MLflow, ask `reconcile.plan_run`, carry out the plan.
+
+kopf handlers call `Controller.reconcile(body, full)` and apply the returned status, annotation and events; this
+module knows nothing of kopf, so it runs the same in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from luffy_operator import manifests
+from luffy_operator.api import LuffyRunSpec
+from luffy_operator.kube import ApiError, KubeClient, ObjectKey
+from luffy_operator.manifests import RunRef
+from luffy_operator.mlflow_rest import MlflowCredentials, MlflowError, MlflowRestClient
+from luffy_operator.reconcile import (
+    Event,
+    JobView,
+    MlflowView,
+    Observed,
+    Plan,
+    RolloutView,
+    RunView,
+    needs_model_version,
+    plan_run,
+    resolve_spec,
+)
+from luffy_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Outcome:
+    """What a handler writes back: status (merge), the accepted-spec annotation, Events, and action errors."""
+
+    status: dict[str, Any] | None = None
+    accepted: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(
+        self,
+        kube: KubeClient,
+        settings: OperatorSettings | None = None,
+        clock: Callable[[], str] = utc_now,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings or OperatorSettings()
+        self.clock = clock
+
+    def reconcile(self, body: Any, full: bool) -> Outcome:
+        """One level-based pass over a LuffyRun. `full` (create/resume/update) also re-creates missing children."""
+        run = RunView.from_body(body)
+        resolution = resolve_spec(run)
+        if resolution.spec is None:
+            observed = Observed(job=None, rollout=None)
+        else:
+            observed = self.observe(run, resolution.spec)
+        plan = plan_run(run, resolution, observed, self.clock(), full)
+        errors = self.execute(run.ref, resolution.spec, plan)
+        return Outcome(status=plan.status, accepted=plan.accepted, events=plan.events, errors=errors)
+
+    # --- observing --------------------------------------------------------------------------------------------------
+
+    def observe(self, run: RunView, spec: LuffyRunSpec) -> Observed:
+        ref = run.ref
+        job_obj = self.kube.get(ObjectKey("batch/v1", "Job", ref.namespace, ref.trainer))
+        job = JobView.of(job_obj) if job_obj else None
+        rollout = None
+        if spec.uses_rollouts:
+            sts = self.kube.get(ObjectKey("apps/v1", "StatefulSet", ref.namespace, ref.rollout))
+            rollout = RolloutView.of(sts) if sts else None
+        return Observed(job=job, rollout=rollout, mlflow=self.observe_mlflow(run, spec, job))
+
+    def observe_mlflow(self, run: RunView, spec: LuffyRunSpec, job: JobView | None) -> MlflowView:
+        """Create the MLflow run once; after success, look up the model version the trainer registered."""
+        if spec.mlflow is None:
+            return MlflowView()
+        status_mlflow = run.status.get("mlflow") or {}
+        run_id = status_mlflow.get("runId")
+        wants_version = needs_model_version(spec, run.status, job)
+        if run_id and not wants_version:
+            return MlflowView()
+        try:
+            client = self.mlflow_client(spec, run.ref.namespace)
+            if not run_id:
+                created = client.ensure_run(
+                    spec.mlflow.experiment_name,
+                    spec.mlflow.run_name or run.ref.name,
+                    run.ref.uid,
+                    {"luffy.run": run.ref.name, "luffy.namespace": run.ref.namespace},
+                )
+                return MlflowView(run_id=created.run_id, experiment_id=created.experiment_id, url=created.url)
+            version = client.model_version(spec.mlflow.registered_model_name or "", run_id)
+            return MlflowView(model_version=version, model_lookup_done=True)
+        except MlflowError as err:
+            return MlflowView(error=str(err), unreachable=err.unreachable)
+
+    def mlflow_client(self, spec: LuffyRunSpec, namespace: str) -> MlflowRestClient:
+        m = spec.mlflow
+        assert m is not None and m.tracking_uri is not None
+        credentials = None
+        if m.credentials_secret is not None:
+            ref = m.credentials_secret
+            secret = self.kube.get(ObjectKey("v1", "Secret", namespace, ref.name))
+            if secret is None:
+                raise MlflowError(f"spec.mlflow.credentialsSecret: Secret {namespace}/{ref.name} not found")
+            data = secret.get("data") or {}
+
+            def value(key: str) -> str | None:
+                return base64.b64decode(data[key]).decode() if key in data else None
+
+            credentials = MlflowCredentials(value(ref.username_key), value(ref.password_key), value(ref.token_key))
+        return MlflowRestClient(m.tracking_uri, credentials, timeout_s=self.settings.mlflow_timeout_seconds)
+
+    # --- acting -----------------------------------------------------------------------------------------------------
+
+    def execute(self, ref: RunRef, spec: LuffyRunSpec | None, plan: Plan) -> list[str]:
+        """Carry out the plan; an action that fails is reported and retried on the next pass, the others go on."""
+        errors: list[str] = []
+
+        def attempt(what: str, action: Callable[[], Any]) -> None:
+            try:
+                action()
+            except ApiError as err:
+                errors.append(f"{what}: {err}")
+
+        for child in plan.ensure:
+            attempt(f"creating {ObjectKey.of(child)}", lambda c=child: self.ensure(c))
+        sts_key = ObjectKey("apps/v1", "StatefulSet", ref.namespace, ref.rollout)
+        job_key = ObjectKey("batch/v1", "Job", ref.namespace, ref.trainer)
+        if plan.scale_rollout is not None:
+            replicas = plan.scale_rollout
+            attempt(f"scaling {sts_key}", lambda: self.kube.patch(sts_key, {"spec": {"replicas": replicas}}))
+        if plan.delete_job:
+            # Foreground: the Job object stays until its pods are gone, so the next one cannot overlap them.
+            attempt(f"deleting {job_key}", lambda: self.kube.delete(job_key, propagation="Foreground"))
+        if plan.create_job is not None:
+            job = plan.create_job
+            attempt(f"creating {job_key}", lambda: self.kube.create(job))
+        for key in plan.delete:
+            attempt(f"deleting {key}", lambda k=key: self.kube.delete(k))
+        if plan.fail_mlflow_run and spec is not None and spec.mlflow is not None:
+            try:
+                self.mlflow_client(spec, ref.namespace).mark_failed(plan.fail_mlflow_run)
+            except MlflowError as err:
+                log.warning("could not mark MLflow run %s failed: %s", plan.fail_mlflow_run, err)
+        return errors
+
+    def ensure(self, child: manifests.Manifest) -> None:
+        """Create a child, or bring the mutable part of an existing one in line."""
+        if not self.kube.create(child):
+            projection = manifests.mutable_projection(child)
+            if projection is not None:
+                self.kube.patch(ObjectKey.of(child), projection)

@@ -1,0 +1,602 @@
+"""Pure functions from a LuffyRun to the Kubernetes objects it owns. Nothing here talks to an API server.
+
+Children of run `r` in namespace `ns`:
+  r-config       ConfigMap      the trainer config (/etc/luffy/config.yaml), rollout backend `vllm-server`
+  r-rollout      Service        headless; pods r-rollout-<i>.r-rollout.ns.svc serve vLLM on :8000
+  r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness probes on /health)
+  r-trainer      Service        headless; r-trainer-0.r-trainer.ns.svc is the torchrun rendezvous and weight-sync host
+  r-trainer      Job            Indexed, one pod per node, `torchrun ... -m luffy_trainer.cli train`
+  r-rollout      NetworkPolicy  only the run's trainer pods reach the rollout pods
+  r-trainer      NetworkPolicy  only the run's own pods reach the trainer pods
+  r-trainer      ServiceAccount + Role + RoleBinding: get/patch of this LuffyRun's status, nothing else
+  r-checkpoints  PersistentVolumeClaim (unless spec.checkpoint.existingClaim)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from luffy_trainer.config import CheckpointConfig, RolloutConfig, TrackingConfig, TrainConfig, dump_config
+
+from luffy_operator.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    CheckpointSchedule,
+    LuffyRunSpec,
+    RolloutSampling,
+)
+
+Manifest = dict[str, Any]
+
+MANAGER = "luffy-operator"
+RUN_LABEL = "luffy.dev/run"
+COMPONENT_LABEL = "luffy.dev/component"
+ATTEMPT_ANNOTATION = "luffy.dev/attempt"
+ROLLOUT_REPLICAS_ANNOTATION = "luffy.dev/rollout-replicas"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+CONFIG_DIR = "/etc/luffy"
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_MOUNT = "/checkpoints"
+MODEL_CACHE_MOUNT = "/models"
+HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
+ROLLOUT_PORT = 8000
+RENDEZVOUS_PORT = 29500
+RUN_AS_USER = 1000
+PROBE_PERIOD_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The identity of a LuffyRun, enough to name, label and own its children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.name}-config"
+
+    @property
+    def rollout(self) -> str:
+        return f"{self.name}-rollout"
+
+    @property
+    def trainer(self) -> str:
+        return f"{self.name}-trainer"
+
+    @property
+    def checkpoints(self) -> str:
+        return f"{self.name}-checkpoints"
+
+    def rollout_urls(self, replicas: int) -> list[str]:
+        """Base URL of each rollout pod, by its stable StatefulSet DNS name."""
+        return [
+            f"http://{self.rollout}-{i}.{self.rollout}.{self.namespace}.svc:{ROLLOUT_PORT}" for i in range(replicas)
+        ]
+
+    @property
+    def trainer_rank0_host(self) -> str:
+        """DNS name of trainer rank 0: torchrun's rendezvous and the host rollout pods connect to for weight sync."""
+        return f"{self.trainer}-0.{self.trainer}.{self.namespace}.svc"
+
+
+def labels(run: RunRef, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "luffy",
+        "app.kubernetes.io/instance": run.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGER,
+        RUN_LABEL: run.name,
+        COMPONENT_LABEL: component,
+    }
+
+
+def selector(run: RunRef, component: str) -> dict[str, str]:
+    return {RUN_LABEL: run.name, COMPONENT_LABEL: component}
+
+
+def owner_reference(run: RunRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": run.name,
+        "uid": run.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(run: RunRef, name: str, component: str, owned: bool = True, **extra: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": run.namespace, "labels": labels(run, component), **extra}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(run)]
+    return meta
+
+
+# --- the trainer config ---------------------------------------------------------------------------------------------
+
+
+def run_directory(run: RunRef, spec: LuffyRunSpec) -> str:
+    """This run's directory on the checkpoint volume."""
+    return f"{CHECKPOINT_MOUNT}/{spec.checkpoint.sub_path or run.name}"
+
+
+def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
+    """The config `luffy train` runs with: the spec's trainer sections plus the paths and backend of the pods."""
+    root = run_directory(run, spec)
+    tracking = TrackingConfig()
+    if spec.mlflow is not None:
+        fields = spec.mlflow.model_dump(exclude={"credentials_secret"})
+        tracking = TrackingConfig(**{**fields, "run_name": spec.mlflow.run_name or run.name})
+    return TrainConfig(
+        model=spec.model,
+        data=spec.data,
+        algorithm=spec.algorithm,
+        reward=spec.reward,
+        optimization=spec.optimization,
+        validation=spec.validation,
+        rollout=RolloutConfig(
+            backend="vllm-server", **spec.rollout.model_dump(include=set(RolloutSampling.model_fields))
+        ),
+        checkpoint=CheckpointConfig(
+            dir=f"{root}/checkpoints", **spec.checkpoint.model_dump(include=set(CheckpointSchedule.model_fields))
+        ),
+        tracking=tracking,
+        output_dir=f"{root}/outputs",
+    )
+
+
+def config_map(run: RunRef, spec: LuffyRunSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, run.config_map, "config"),
+        "data": {CONFIG_FILE: dump_config(train_config(run, spec))},
+    }
+
+
+# --- pod building blocks --------------------------------------------------------------------------------------------
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _resources(requirements: Any, gpu_name: str, gpus: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if requirements.requests:
+        out["requests"] = dict(requirements.requests)
+    limits = dict(requirements.limits)
+    if gpus:
+        limits[gpu_name] = gpus
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _user_env(env: list[Any]) -> list[dict[str, Any]]:
+    return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in env]
+
+
+def _shared_volumes(spec: LuffyRunSpec, shm_limit: int | str | None) -> list[dict[str, Any]]:
+    """/dev/shm in memory (NCCL and vLLM need more than the runtime's 64Mi), a writable /tmp (the root filesystem is
+    read-only), the model cache and the data volume."""
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if shm_limit is not None:
+        shm["sizeLimit"] = shm_limit
+    cache: dict[str, Any]
+    if spec.model_cache.claim_name:
+        cache = {"persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}
+    else:
+        cache = {"emptyDir": {"sizeLimit": spec.model_cache.size_limit} if spec.model_cache.size_limit else {}}
+    volumes = [
+        {"name": "dshm", "emptyDir": shm},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "model-cache", **cache},
+    ]
+    if spec.data_volume is not None:
+        d = spec.data_volume
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": d.claim_name, "readOnly": d.read_only}})
+    return volumes
+
+
+def _shared_mounts(spec: LuffyRunSpec) -> list[dict[str, Any]]:
+    mounts = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT},
+    ]
+    if spec.data_volume is not None:
+        d = spec.data_volume
+        mounts.append({"name": "data", "mountPath": d.mount_path, "readOnly": d.read_only})
+    return mounts
+
+
+def _base_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _pod_placement(spec: LuffyRunSpec) -> dict[str, Any]:
+    s = spec.scheduling
+    out: dict[str, Any] = {"securityContext": _pod_security_context()}
+    if s.node_selector:
+        out["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        out["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in s.tolerations]
+    if s.priority_class_name:
+        out["priorityClassName"] = s.priority_class_name
+    if spec.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    return out
+
+
+def _workload_labels(run: RunRef, spec: LuffyRunSpec, component: str) -> dict[str, str]:
+    out = labels(run, component)
+    if spec.scheduling.queue_name:
+        out[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    return out
+
+
+# --- rollout --------------------------------------------------------------------------------------------------------
+
+
+def rollout_args(spec: LuffyRunSpec) -> list[str]:
+    """`luffy serve-rollout` arguments: vLLM settings from the trainer's rollout section, extra args after `--`."""
+    r = spec.rollout
+    max_model_len = r.max_model_len or spec.data.max_prompt_length + spec.data.max_response_length
+    args = ["serve-rollout", "--model", spec.model.path, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)]
+    args += ["--dtype", spec.model.dtype, "--max-model-len", str(max_model_len)]
+    args += ["--tensor-parallel-size", str(r.tensor_parallel_size)]
+    if r.gpus_per_replica:
+        args += ["--gpu-memory-utilization", str(r.gpu_memory_utilization)]
+    extra = (["--enforce-eager"] if r.enforce_eager else []) + list(r.extra_args)
+    if spec.model.trust_remote_code:
+        extra.append("--trust-remote-code")
+    return args + (["--", *extra] if extra else [])
+
+
+def rollout_service(run: RunRef) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(run, run.rollout, "rollout"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(run, "rollout"),
+            "ports": [{"name": "http", "port": ROLLOUT_PORT, "targetPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manifest:
+    r = spec.rollout
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_SECONDS}
+    container = {
+        "name": "vllm",
+        "image": spec.rollout_image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["luffy"],
+        "args": rollout_args(spec),
+        "env": [*_base_env(), {"name": "VLLM_SERVER_DEV_MODE", "value": "1"}, *_user_env(r.env)],
+        "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        "startupProbe": {
+            **probe,
+            "failureThreshold": math.ceil(r.startup_timeout_seconds / PROBE_PERIOD_SECONDS),
+        },
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "resources": _resources(r.resources, spec.scheduling.gpu_resource_name, r.gpus_per_replica),
+        "volumeMounts": _shared_mounts(spec),
+        "securityContext": _container_security_context(),
+    }
+    pod_labels = labels(run, "rollout")
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {**_metadata(run, run.rollout, "rollout"), "labels": _workload_labels(run, spec, "rollout")},
+        "spec": {
+            "serviceName": run.rollout,
+            "replicas": replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector(run, "rollout")},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    **_pod_placement(spec),
+                    "automountServiceAccountToken": False,
+                    "containers": [container],
+                    "volumes": _shared_volumes(spec, r.shm_size_limit),
+                },
+            },
+        },
+    }
+
+
+# --- trainer --------------------------------------------------------------------------------------------------------
+
+
+def weight_sync_ports(spec: LuffyRunSpec) -> list[int]:
+    """Ports trainer rank 0 listens on for weight sync, one per rollout replica."""
+    if not spec.uses_rollouts:
+        return []
+    return [spec.trainer.weight_sync_port + i for i in range(spec.rollout.replicas)]
+
+
+def trainer_service(run: RunRef, spec: LuffyRunSpec) -> Manifest:
+    ports = [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    ports += [
+        {"name": f"weight-sync-{i}", "port": p, "targetPort": p, "protocol": "TCP"}
+        for i, p in enumerate(weight_sync_ports(spec))
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(run, run.trainer, "trainer"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(run, "trainer"),
+            "ports": ports,
+        },
+    }
+
+
+def torchrun_args(run: RunRef, spec: LuffyRunSpec) -> list[str]:
+    t = spec.trainer
+    return [
+        "--nnodes",
+        str(t.nodes),
+        "--nproc-per-node",
+        str(max(t.gpus_per_node, 1)),
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{run.trainer_rank0_host}:{RENDEZVOUS_PORT}",
+        "--rdzv-id",
+        run.uid,
+        "--max-restarts",
+        "0",
+        "-m",
+        "luffy_trainer.cli",
+        "train",
+        f"{CONFIG_DIR}/{CONFIG_FILE}",
+    ]
+
+
+def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> list[dict[str, Any]]:
+    """What the trainer reads from its environment: rendezvous (torchrun's PET_* and MASTER_*), rollout endpoints,
+    weight-sync host/port, MLflow run and credentials, and its own LuffyRun for status reports."""
+    t = spec.trainer
+    index = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    env: list[dict[str, Any]] = [
+        {"name": "JOB_COMPLETION_INDEX", "valueFrom": index},
+        {"name": "PET_NNODES", "value": str(t.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(t.gpus_per_node, 1))},
+        {"name": "PET_NODE_RANK", "value": "$(JOB_COMPLETION_INDEX)"},
+        {"name": "PET_MASTER_ADDR", "value": run.trainer_rank0_host},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "MASTER_ADDR", "value": run.trainer_rank0_host},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "LUFFY_RUN_NAME", "value": run.name},
+        {"name": "LUFFY_RUN_NAMESPACE", "value": run.namespace},
+        *_base_env(),
+    ]
+    if spec.uses_rollouts:
+        env += [
+            {"name": "LUFFY_ROLLOUT_URLS", "value": ",".join(run.rollout_urls(spec.rollout.replicas))},
+            {"name": "LUFFY_WEIGHT_SYNC_HOST", "value": run.trainer_rank0_host},
+            {"name": "LUFFY_WEIGHT_SYNC_PORT", "value": str(t.weight_sync_port)},
+        ]
+    if spec.mlflow is not None:
+        m = spec.mlflow
+        env += [
+            {"name": "MLFLOW_TRACKING_URI", "value": m.tracking_uri},
+            {"name": "MLFLOW_EXPERIMENT_NAME", "value": m.experiment_name},
+        ]
+        if mlflow_run_id:
+            env.append({"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
+        if m.credentials_secret is not None:
+            s = m.credentials_secret
+            for var, key in (
+                ("MLFLOW_TRACKING_USERNAME", s.username_key),
+                ("MLFLOW_TRACKING_PASSWORD", s.password_key),
+                ("MLFLOW_TRACKING_TOKEN", s.token_key),
+            ):
+                ref = {"name": s.name, "key": key, "optional": True}
+                env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    return env + _user_env(t.env)
+
+
+def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: str | None) -> Manifest:
+    """The trainer gang: any failed pod fails the whole Job (backoffLimit 0); the operator then restarts it from the
+    checkpoint, counting restarts in the LuffyRun's status so the budget survives Job re-creation."""
+    t = spec.trainer
+    ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    ports += [
+        {"name": f"weight-sync-{i}", "containerPort": p, "protocol": "TCP"}
+        for i, p in enumerate(weight_sync_ports(spec))
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+        *_shared_mounts(spec),
+    ]
+    claim = spec.checkpoint.existing_claim or run.checkpoints
+    volumes = [
+        {"name": "config", "configMap": {"name": run.config_map, "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
+        *_shared_volumes(spec, t.shm_size_limit),
+    ]
+    container = {
+        "name": "trainer",
+        "image": spec.trainer_image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["torchrun"],
+        "args": torchrun_args(run, spec),
+        "env": trainer_env(run, spec, mlflow_run_id),
+        "ports": ports,
+        "resources": _resources(t.resources, spec.scheduling.gpu_resource_name, t.gpus_per_node),
+        "volumeMounts": mounts,
+        "securityContext": _container_security_context(),
+    }
+    annotations = {
+        ATTEMPT_ANNOTATION: str(attempt),
+        ROLLOUT_REPLICAS_ANNOTATION: str(spec.rollout.replicas if spec.uses_rollouts else 0),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **_metadata(run, run.trainer, "trainer", annotations=annotations),
+            "labels": _workload_labels(run, spec, "trainer"),
+        },
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": t.nodes,
+            "parallelism": t.nodes,
+            "backoffLimit": 0,
+            # Kueue admits a queued Job by un-suspending it.
+            "suspend": spec.scheduling.queue_name is not None,
+            "template": {
+                "metadata": {"labels": labels(run, "trainer"), "annotations": {ATTEMPT_ANNOTATION: str(attempt)}},
+                "spec": {
+                    **_pod_placement(spec),
+                    "subdomain": run.trainer,
+                    "restartPolicy": "Never",
+                    "serviceAccountName": run.trainer,
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+# --- network and access ---------------------------------------------------------------------------------------------
+
+
+def network_policies(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
+    """Ingress only from the run's own pods, on any port: NCCL (rendezvous, weight sync) opens ephemeral ports on
+    both sides after its bootstrap connection, so per-port rules would break it."""
+    trainer_pods = {"podSelector": {"matchLabels": selector(run, "trainer")}}
+    run_pods = {"podSelector": {"matchLabels": {RUN_LABEL: run.name}}}
+    policies = [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _metadata(run, run.trainer, "trainer"),
+            "spec": {
+                "podSelector": {"matchLabels": selector(run, "trainer")},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [run_pods]}],
+            },
+        }
+    ]
+    if spec.uses_rollouts:
+        policies.append(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": _metadata(run, run.rollout, "rollout"),
+                "spec": {
+                    "podSelector": {"matchLabels": selector(run, "rollout")},
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{"from": [trainer_pods]}],
+                },
+            }
+        )
+    return policies
+
+
+def trainer_rbac(run: RunRef) -> list[Manifest]:
+    """The trainer's identity: it may read its own LuffyRun and patch its status (progress), nothing else."""
+    rules = [
+        {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [run.name], "verbs": ["get"]},
+        {
+            "apiGroups": [GROUP],
+            "resources": [f"{PLURAL}/status"],
+            "resourceNames": [run.name],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(run, run.trainer, "trainer")},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(run, run.trainer, "trainer"),
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(run, run.trainer, "trainer"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": run.trainer},
+            "subjects": [{"kind": "ServiceAccount", "name": run.trainer, "namespace": run.namespace}],
+        },
+    ]
+
+
+def checkpoint_claim(run: RunRef, spec: LuffyRunSpec) -> Manifest | None:
+    """The new checkpoint PVC, or None when the run uses an existing claim. Owned by the run unless retained."""
+    c = spec.checkpoint
+    if c.existing_claim is not None:
+        return None
+    claim_spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
+    if c.storage_class_name:
+        claim_spec["storageClassName"] = c.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(run, run.checkpoints, "checkpoints", owned=not c.retain_claim),
+        "spec": claim_spec,
+    }
+
+
+def supporting_children(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
+    """Everything but the two workloads, in creation order (what a trainer pod needs exists before it starts)."""
+    children = [config_map(run, spec), trainer_service(run, spec), *trainer_rbac(run)]
+    claim = checkpoint_claim(run, spec)
+    if claim is not None:
+        children.append(claim)
+    if spec.uses_rollouts:
+        children.append(rollout_service(run))
+    return children + network_policies(run, spec)
+
+
+def mutable_projection(manifest: Manifest) -> dict[str, Any] | None:
+    """The part of an existing child the operator keeps in line with the spec (merge patch), None if none.
+
+    Only the trainer Service's weight-sync ports follow a mutable field (rollout.replicas); everything else a child
+    carries derives from immutable spec fields, and the StatefulSet's replicas are scaled separately."""
+    if manifest["kind"] == "Service" and manifest["metadata"]["labels"][COMPONENT_LABEL] == "trainer":
+        return {"spec": {"ports": manifest["spec"]["ports"]}}
+    return None

@@ -1,0 +1,453 @@
+"""The operator's decisions: a pure function from (the LuffyRun, what was observed) to a plan and the new status.
+
+Level-based: every call looks at the current trainer Job, rollout StatefulSet and MLflow state and decides the next
+step, so running it twice, concurrently (a handler and the timer) or after an operator restart does no harm. Creating
+an existing child is a no-op, and a trainer failure is counted once because every Job carries its attempt number:
+a failed Job whose attempt equals `status.restarts` is counted (restarts + 1); one with a smaller attempt has been
+counted and is deleted; with no Job, a new one is created with attempt = restarts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from luffy_operator import manifests
+from luffy_operator.api import (
+    TERMINAL_PHASES,
+    LuffyRunSpec,
+    SpecError,
+    check_name,
+    dump_spec,
+    immutable_changes,
+    parse_spec,
+    with_mutable_fields,
+)
+from luffy_operator.kube import ObjectKey
+from luffy_operator.manifests import Manifest, RunRef
+
+ACCEPTED_SPEC_ANNOTATION = "luffy.dev/accepted-spec"
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What the operator reads from a LuffyRun object."""
+
+    ref: RunRef
+    generation: int
+    spec: Any
+    status: dict[str, Any]
+    accepted_spec: dict[str, Any] | None
+
+    @classmethod
+    def from_body(cls, body: Any) -> RunView:
+        md = body["metadata"]
+        raw = (md.get("annotations") or {}).get(ACCEPTED_SPEC_ANNOTATION)
+        try:
+            accepted = json.loads(raw) if raw else None
+        except ValueError:
+            accepted = None
+        return cls(
+            ref=RunRef(name=md["name"], namespace=md["namespace"], uid=md["uid"]),
+            generation=int(md.get("generation") or 0),
+            spec=_plain(body.get("spec")),
+            status=_plain(body.get("status")) or {},
+            accepted_spec=accepted if isinstance(accepted, dict) else None,
+        )
+
+
+def _plain(value: Any) -> Any:
+    """kopf bodies are read-only mapping views; copy them into plain dicts and lists."""
+    if value is None:
+        return None
+    return json.loads(json.dumps(value))
+
+
+@dataclass(frozen=True)
+class JobView:
+    """The trainer Job, as far as decisions need it."""
+
+    attempt: int
+    rollout_replicas: int
+    complete: bool
+    failed: bool
+    failure: str
+    active: int
+    ready: int
+    succeeded: int
+    failed_pods: int
+    terminating: bool
+    suspended: bool
+
+    @classmethod
+    def of(cls, job: dict[str, Any]) -> JobView:
+        md, status = job["metadata"], job.get("status") or {}
+        annotations = md.get("annotations") or {}
+        conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        failed = conditions.get("Failed", {})
+        return cls(
+            attempt=int(annotations.get(manifests.ATTEMPT_ANNOTATION, 0)),
+            rollout_replicas=int(annotations.get(manifests.ROLLOUT_REPLICAS_ANNOTATION, 0)),
+            complete="Complete" in conditions,
+            failed=bool(failed),
+            failure=": ".join(p for p in (failed.get("reason"), failed.get("message")) if p) or "failed",
+            active=int(status.get("active") or 0),
+            ready=int(status.get("ready") or 0),
+            succeeded=int(status.get("succeeded") or 0),
+            failed_pods=int(status.get("failed") or 0),
+            terminating=bool(md.get("deletionTimestamp")),
+            suspended=bool((job.get("spec") or {}).get("suspend")),
+        )
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """The rollout StatefulSet: wanted and ready replicas."""
+
+    replicas: int
+    ready: int
+
+    @classmethod
+    def of(cls, sts: dict[str, Any]) -> RolloutView:
+        replicas = (sts.get("spec") or {}).get("replicas") or 0
+        return cls(replicas=int(replicas), ready=int((sts.get("status") or {}).get("readyReplicas") or 0))
+
+
+@dataclass(frozen=True)
+class MlflowView:
+    """What MLflow said this time: a run ensured, a model version found, or an error."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+    url: str | None = None
+    error: str | None = None
+    unreachable: bool = False
+    model_version: str | None = None
+    model_lookup_done: bool = False
+
+
+@dataclass(frozen=True)
+class Observed:
+    job: JobView | None
+    rollout: RolloutView | None
+    mlflow: MlflowView = field(default_factory=MlflowView)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The spec the operator runs: the current one, or the last accepted one when an edit is refused."""
+
+    spec: LuffyRunSpec | None
+    accepted: dict[str, Any] | None  # new value of the accepted-spec annotation; None leaves it
+    reason: str  # Accepted | InvalidSpec | ImmutableFieldChanged
+    message: str
+
+
+def resolve_spec(run: RunView) -> Resolution:
+    """Validate the spec and apply the immutability rule against the last accepted spec."""
+    try:
+        check_name(run.ref.name)
+        current = parse_spec(run.spec)
+    except SpecError as err:
+        previous = _parse_or_none(run.accepted_spec)
+        if previous is None:
+            return Resolution(None, None, "InvalidSpec", str(err))
+        return Resolution(previous, None, "InvalidSpec", f"{err}; still running the last accepted spec")
+    previous = _parse_or_none(run.accepted_spec)
+    current_dump = dump_spec(current)
+    if previous is None:
+        return Resolution(current, current_dump, "Accepted", "spec accepted")
+    previous_dump = dump_spec(previous)
+    changed = immutable_changes(previous_dump, current_dump)
+    if changed:
+        effective = parse_spec(with_mutable_fields(previous_dump, current_dump))
+        effective_dump = dump_spec(effective)
+        message = (
+            f"{', '.join(changed)} cannot change after creation; the change is ignored "
+            "(revert it, or create a new LuffyRun)"
+        )
+        return Resolution(
+            effective, effective_dump if effective_dump != run.accepted_spec else None, "ImmutableFieldChanged", message
+        )
+    return Resolution(current, current_dump if current_dump != run.accepted_spec else None, "Accepted", "spec accepted")
+
+
+def _parse_or_none(raw: dict[str, Any] | None) -> LuffyRunSpec | None:
+    if raw is None:
+        return None
+    try:
+        return parse_spec(raw)
+    except SpecError:
+        return None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    """What to do now, and the status to record."""
+
+    status: dict[str, Any]
+    accepted: dict[str, Any] | None = None
+    ensure: list[Manifest] = field(default_factory=list)
+    scale_rollout: int | None = None
+    delete_job: bool = False
+    create_job: Manifest | None = None
+    delete: list[ObjectKey] = field(default_factory=list)
+    fail_mlflow_run: str | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+WARNING_PHASES = ("Failed", "Restarting")
+EVENT_CONDITIONS = ("SpecAccepted", "MlflowReady", "RolloutReady")
+
+
+class StatusBuilder:
+    """The new status, keeping condition transition times where a condition did not change."""
+
+    def __init__(self, old: dict[str, Any], now: str, generation: int) -> None:
+        self.old = old
+        self.now = now
+        self.generation = generation
+        self.conditions: dict[str, dict[str, Any]] = {}
+        self.fields: dict[str, Any] = {}
+
+    def condition(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        status = "True" if ok else "False"
+        previous = next((c for c in self.old.get("conditions") or [] if c.get("type") == type_), None)
+        changed = previous is None or previous.get("status") != status
+        self.conditions[type_] = {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": self.now if changed else previous.get("lastTransitionTime", self.now),
+            "observedGeneration": self.generation,
+        }
+
+    def phase(self, phase: str, reason: str, message: str) -> None:
+        self.fields.update(phase=phase, reason=reason, message=message)
+
+    def build(self) -> dict[str, Any]:
+        status = {"observedGeneration": self.generation, **self.fields}
+        status["conditions"] = list(self.conditions.values())
+        return status
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    """One Event per phase change and per change of the SpecAccepted, MlflowReady and RolloutReady conditions."""
+    events = []
+    if new.get("phase") != old.get("phase") or new.get("reason") != old.get("reason"):
+        kind = "Warning" if new.get("phase") in WARNING_PHASES else "Normal"
+        events.append(Event(kind, new.get("reason") or new["phase"], f"{new['phase']}: {new.get('message', '')}"))
+    before = {c.get("type"): c for c in old.get("conditions") or []}
+    for cond in new.get("conditions", []):
+        if cond["type"] not in EVENT_CONDITIONS:
+            continue
+        prev = before.get(cond["type"])
+        if prev is None and cond["status"] == "True" and cond["type"] != "RolloutReady":
+            continue  # SpecAccepted/MlflowReady becoming true at creation is covered by the phase event
+        if prev is None or (prev.get("status"), prev.get("reason")) != (cond["status"], cond["reason"]):
+            kind = "Warning" if cond["status"] == "False" and cond["type"] != "RolloutReady" else "Normal"
+            events.append(Event(kind, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}"))
+    return events
+
+
+def _workload_keys(run: RunRef, spec: LuffyRunSpec) -> list[ObjectKey]:
+    """What cleanup `Delete` removes: the workloads and their Services, NetworkPolicies and RBAC."""
+    objs = [manifests.trainer_job(run, spec, 0, None)]
+    if spec.uses_rollouts:
+        objs.append(manifests.rollout_statefulset(run, spec, 0))
+    keep = {"ConfigMap", "PersistentVolumeClaim"}
+    objs += [o for o in manifests.supporting_children(run, spec) if o["kind"] not in keep]
+    return [ObjectKey.of(o) for o in objs]
+
+
+def plan_run(run: RunView, res: Resolution, obs: Observed, now: str, full: bool) -> Plan:
+    """Decide the next actions and the status for one LuffyRun."""
+    old = run.status
+    st = StatusBuilder(old, now, run.generation)
+    spec = res.spec
+    if spec is None:
+        st.condition("SpecAccepted", False, res.reason, res.message)
+        st.condition("Failed", True, res.reason, res.message)
+        st.phase("Failed", res.reason, res.message)
+        st.fields.update(completionTime=old.get("completionTime") or now, finalized=True)
+        status = st.build()
+        return Plan(status=status, events=transition_events(old, status))
+
+    plan = Plan(status={}, accepted=res.accepted)
+    if old.get("reason") == "InvalidSpec" and run.accepted_spec is None:
+        old = {}  # a run that never had a valid spec starts afresh once it has one
+        st.old = old
+    st.condition("SpecAccepted", res.reason == "Accepted", res.reason, res.message)
+    restarts = int(old.get("restarts") or 0)
+    max_restarts = spec.failure_policy.max_restarts
+    job, rollout = obs.job, obs.rollout
+    phase = old.get("phase")
+    terminal = phase in TERMINAL_PHASES
+    nodes = spec.trainer.nodes
+
+    mlflow = _mlflow_status(spec, old, obs.mlflow, st)
+    mlflow_run_id = (mlflow or {}).get("runId")
+
+    if terminal:
+        st.phase(phase, old.get("reason") or phase, old.get("message") or "")
+    elif job is not None and job.complete and not job.terminating:
+        st.phase("Succeeded", "TrainerSucceeded", f"trainer attempt {job.attempt} completed")
+    elif job is not None and job.failed and not job.terminating:
+        if job.attempt >= restarts and restarts >= max_restarts:
+            st.phase(
+                "Failed",
+                "MaxRestartsExceeded",
+                f"trainer attempt {job.attempt} failed ({job.failure}) after {restarts} of {max_restarts} restarts",
+            )
+            plan.fail_mlflow_run = mlflow_run_id
+        elif job.attempt >= restarts:
+            restarts = job.attempt + 1
+            st.phase(
+                "Restarting",
+                "TrainerFailed",
+                f"trainer attempt {job.attempt} failed ({job.failure}); restart {restarts} of {max_restarts} "
+                "from the latest checkpoint",
+            )
+        else:
+            plan.delete_job = True
+            st.phase("Restarting", old.get("reason") or "TrainerFailed", old.get("message") or "")
+    elif job is not None and job.terminating:
+        st.phase(phase or "Pending", old.get("reason") or "TrainerStopping", old.get("message") or "")
+    elif job is not None:
+        if spec.suspend:
+            plan.delete_job = True
+            st.phase("Suspended", "Suspended", "spec.suspend is true: trainer stopped, rollout scaled to zero")
+        elif spec.uses_rollouts and job.rollout_replicas != spec.rollout.replicas:
+            plan.delete_job = True
+            st.phase(
+                "Restarting",
+                "RolloutRescaled",
+                f"spec.rollout.replicas is now {spec.rollout.replicas}: restarting the trainer from its checkpoint "
+                "with the new rollout endpoints (not counted as a failure)",
+            )
+        elif job.suspended:
+            queue = spec.scheduling.queue_name
+            st.phase("Pending", "Queued", f"trainer Job waits for admission by Kueue queue {queue}")
+        elif job.ready >= nodes:
+            st.phase("Running", "TrainerRunning", f"{job.ready}/{nodes} trainer pods ready")
+        else:
+            st.phase("Pending", "TrainerStarting", f"{job.ready}/{nodes} trainer pods ready")
+    elif spec.suspend:
+        st.phase("Suspended", "Suspended", "spec.suspend is true: trainer stopped, rollout scaled to zero")
+    elif spec.mlflow is not None and not mlflow_run_id:
+        st.phase("Pending", "WaitingForMlflow", obs.mlflow.error or "creating the MLflow run")
+    elif spec.uses_rollouts and not _rollout_ready(rollout, spec.rollout.replicas):
+        ready = rollout.ready if rollout else 0
+        st.phase("Pending", "WaitingForRollout", f"{ready}/{spec.rollout.replicas} rollout replicas ready")
+    else:
+        plan.ensure = manifests.supporting_children(run.ref, spec)
+        plan.create_job = manifests.trainer_job(run.ref, spec, restarts, mlflow_run_id)
+        st.phase("Pending", "TrainerStarting", f"creating the trainer Job (attempt {restarts})")
+
+    new_phase = st.fields["phase"]
+    finished = new_phase in TERMINAL_PHASES
+    desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
+    cleanup = spec.cleanup.on_success if new_phase == "Succeeded" else spec.cleanup.on_failure
+    deleting = finished and cleanup == "Delete"
+
+    if spec.uses_rollouts and not deleting:
+        if rollout is None:
+            plan.ensure = plan.ensure or manifests.supporting_children(run.ref, spec)
+            plan.ensure.append(manifests.rollout_statefulset(run.ref, spec, desired))
+        elif rollout.replicas != desired:
+            plan.scale_rollout = desired
+    if full and not plan.ensure and not deleting:
+        plan.ensure = manifests.supporting_children(run.ref, spec)
+    if deleting and (job is not None or rollout is not None):
+        plan.delete = _workload_keys(run.ref, spec)
+
+    ready = rollout.ready if rollout else 0
+    if spec.uses_rollouts:
+        if desired == 0:
+            st.condition("RolloutReady", False, "ScaledDown", "rollout scaled to zero")
+        else:
+            st.condition(
+                "RolloutReady",
+                _rollout_ready(rollout, desired),
+                "AllReplicasReady" if _rollout_ready(rollout, desired) else "ReplicasNotReady",
+                f"{ready}/{desired} rollout replicas ready",
+            )
+    st.condition("TrainerRunning", new_phase == "Running", st.fields["reason"], st.fields["message"])
+    st.condition("Suspended", new_phase == "Suspended", "Suspended" if spec.suspend else "NotSuspended", "")
+    if finished:
+        st.condition(new_phase, True, st.fields["reason"], st.fields["message"])
+
+    st.fields.update(
+        restarts=restarts,
+        rollout={"desired": desired, "ready": ready},
+        trainer={
+            "attempt": job.attempt if job else restarts,
+            "active": job.active if job else 0,
+            "ready": job.ready if job else 0,
+            "succeeded": job.succeeded if job else 0,
+            "failed": job.failed_pods if job else 0,
+        },
+    )
+    if mlflow is not None:
+        st.fields["mlflow"] = mlflow
+    if new_phase == "Running" and not old.get("startTime"):
+        st.fields["startTime"] = now
+    st.fields.update(completionTime=None, finalized=False)
+    if finished:
+        st.fields["completionTime"] = old.get("completionTime") or now
+        scaled_down = rollout is None or (rollout.replicas == 0 and rollout.ready == 0)
+        cleaned = not deleting or (job is None and rollout is None)
+        model_known = (
+            not _wants_model_version(spec) or obs.mlflow.model_lookup_done or bool((mlflow or {}).get("modelVersion"))
+        )
+        st.fields["finalized"] = scaled_down and cleaned and model_known
+
+    plan.status = st.build()
+    plan.events = transition_events(old, plan.status)
+    return plan
+
+
+def _rollout_ready(rollout: RolloutView | None, desired: int) -> bool:
+    return rollout is not None and rollout.replicas == desired and rollout.ready >= desired
+
+
+def _wants_model_version(spec: LuffyRunSpec) -> bool:
+    return spec.mlflow is not None and spec.mlflow.registered_model_name is not None
+
+
+def _mlflow_status(
+    spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, st: StatusBuilder
+) -> dict[str, Any] | None:
+    """status.mlflow and the MlflowReady condition."""
+    if spec.mlflow is None:
+        return None
+    mlflow = dict(old.get("mlflow") or {})
+    if seen.run_id:
+        mlflow.update(runId=seen.run_id, experimentId=seen.experiment_id, url=seen.url)
+    if spec.mlflow.registered_model_name:
+        mlflow["modelName"] = spec.mlflow.registered_model_name
+    if seen.model_version:
+        mlflow["modelVersion"] = seen.model_version
+    if seen.error:
+        reason = "MlflowUnreachable" if seen.unreachable else "MlflowError"
+        st.condition("MlflowReady", False, reason, seen.error)
+    elif mlflow.get("runId"):
+        st.condition("MlflowReady", True, "RunCreated", f"MLflow run {mlflow['runId']}")
+    else:
+        st.condition("MlflowReady", False, "RunNotCreated", "the MLflow run is not created yet")
+    return mlflow
+
+
+def needs_model_version(spec: LuffyRunSpec, status: dict[str, Any], job: JobView | None) -> bool:
+    """Whether to ask MLflow for the registered model version now (the run has just succeeded)."""
+    succeeded = status.get("phase") == "Succeeded" or (job is not None and job.complete)
+    return succeeded and _wants_model_version(spec) and not (status.get("mlflow") or {}).get("modelVersion")

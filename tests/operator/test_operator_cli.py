@@ -1,0 +1,99 @@
+"""The command line: `luffy crd`, `luffy operator` as its own process, and kubectl against the emulator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import kubernetes
+import yaml
+from luffy_trainer.k8s_status import LuffyRunStatusReporter
+from operator_harness import CRD_PATH, REPO, RUNS, STATEFULSETS, Cluster, InProcessOperator, wait_for
+from servers import free_port
+
+LUFFY = str(Path(sys.executable).parent / "luffy")
+
+
+def test_luffy_crd_prints_the_committed_crd() -> None:
+    out = subprocess.run([LUFFY, "crd"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out == CRD_PATH.read_text()
+
+
+def test_luffy_operator_runs_against_a_kubeconfig(cluster: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LUFFY_OPERATOR_RESYNC_SECONDS": "1"}
+    log = (tmp_path / "operator.log").open("w")
+    cmd = [
+        LUFFY,
+        "operator",
+        "--standalone",
+        "--namespace",
+        "default",
+        "--liveness",
+        f"http://127.0.0.1:{port}/healthz",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def alive() -> bool:
+            assert proc.poll() is None, (tmp_path / "operator.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return r.status == 200 and b"controller" in r.read()
+            except OSError:
+                return False
+
+        wait_for("the liveness endpoint", alive, timeout=120, interval=0.5)
+        cluster.api.create(RUNS, {**valid_cli_run(), "metadata": {"name": "cli", "namespace": "default"}})
+        wait_for("the rollout StatefulSet", lambda: cluster.api.get(f"{STATEFULSETS}/cli-rollout"), timeout=60)
+        wait_for("a status", lambda: cluster.status("cli").get("phase") == "Pending", timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
+
+
+def valid_cli_run() -> dict:
+    docs = yaml.safe_load_all((REPO / "examples" / "luffyrun-tiny-cpu.yaml").read_text())
+    return next(d for d in docs if d and d["kind"] == "LuffyRun")
+
+
+def kubectl(cluster: Cluster, cache: Path, *args: str) -> str:
+    cmd = ["kubectl", f"--kubeconfig={cluster.kubeconfig}", f"--cache-dir={cache}", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_kubectl_shows_the_printer_columns_of_the_example(
+    cluster: Cluster, operator: InProcessOperator, tmp_path: Path
+) -> None:
+    cache = tmp_path / "kube-cache"
+    example = REPO / "examples" / "luffyrun-tiny-cpu.yaml"
+    kubectl(cluster, cache, "apply", "--validate=false", "-f", str(example))
+    wait_for("the operator's status", lambda: cluster.status("tiny-cpu").get("phase"), timeout=30)
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=config)
+    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(config))
+    LuffyRunStatusReporter("tiny-cpu", "default", api, 0).report(step=42, total_steps=150, reward=0.625)
+
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    spec = ",".join(["NAME:.metadata.name"] + [f"{c['name'].upper()}:{c['jsonPath']}" for c in columns])
+    header, row = kubectl(cluster, cache, "get", "lr", "-o", f"custom-columns={spec}").splitlines()
+    table = dict(zip(header.split(), row.split(), strict=True))
+    assert table["NAME"] == "tiny-cpu"
+    assert (table["PHASE"], table["STEP"], table["TOTAL"], table["REWARD"]) == ("Pending", "42", "150", "0.625")
+    assert table["RESTARTS"] == "0" and table["REASON"] == "WaitingForMlflow"  # its MLflow host is not here
+    assert table["AGE"] == cluster.run("tiny-cpu")["metadata"]["creationTimestamp"]
+    assert "luffyrun.luffy.dev/tiny-cpu" in kubectl(cluster, cache, "get", "luffy", "-o", "name")  # the category
+    assert kubectl(cluster, cache, "get", "luffyrun", "tiny-cpu", "-o", "jsonpath={.status.phase}") == "Pending"

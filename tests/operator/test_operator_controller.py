@@ -1,0 +1,87 @@
+"""The reconciler's edges with a recording stand-in for the Kubernetes client: order of actions, partial failures,
+and MLflow credentials that cannot be read. (The same code runs against the emulator in test_operator_kopf.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from luffy_operator.controller import Controller
+from luffy_operator.kube import ApiError, ObjectKey
+from luffyrun_samples import valid_run
+
+
+class RecordingKube:
+    """Answers GETs from a dict of objects, records every write, and fails the writes it is told to."""
+
+    def __init__(self, objects: dict[str, dict[str, Any]] | None = None, failing: set[str] | None = None) -> None:
+        self.objects = objects or {}
+        self.failing = failing or set()
+        self.calls: list[tuple[str, str]] = []
+
+    def _act(self, verb: str, key: ObjectKey) -> None:
+        self.calls.append((verb, f"{key.kind}/{key.name}"))
+        if f"{verb} {key.kind}" in self.failing:
+            raise ApiError(422, f"{verb} {key}: 422 Invalid: rejected")
+
+    def get(self, key: ObjectKey) -> dict[str, Any] | None:
+        return self.objects.get(f"{key.kind}/{key.name}")
+
+    def create(self, obj: dict[str, Any]) -> bool:
+        self._act("create", ObjectKey.of(obj))
+        return True
+
+    def patch(self, key: ObjectKey, patch: dict[str, Any]) -> dict[str, Any]:
+        self._act("patch", key)
+        return {}
+
+    def delete(self, key: ObjectKey, propagation: str = "Background") -> bool:
+        self._act(f"delete-{propagation}", key)
+        return True
+
+
+def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    obj = valid_run(**spec)
+    obj["metadata"].update(uid="uid-1", generation=1)
+    obj["status"] = status or {}
+    return obj
+
+
+def ready_rollout() -> dict[str, Any]:
+    return {"spec": {"replicas": 2}, "status": {"readyReplicas": 2}}
+
+
+def test_everything_the_trainer_mounts_is_created_before_its_job() -> None:
+    kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout()})
+    outcome = Controller(kube, clock=lambda: "t").reconcile(body(), full=True)
+    creates = [name for verb, name in kube.calls if verb == "create"]
+    assert creates[-1] == "Job/demo-trainer"
+    assert {"ConfigMap/demo-config", "ServiceAccount/demo-trainer", "PersistentVolumeClaim/demo-checkpoints"} <= set(
+        creates[:-1]
+    )
+    assert outcome.errors == [] and outcome.status["reason"] == "TrainerStarting"
+    assert outcome.accepted["rollout"]["replicas"] == 2  # what later edits are compared against
+
+
+def test_a_failed_action_is_reported_and_the_others_still_run() -> None:
+    kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout()}, failing={"create ConfigMap"})
+    outcome = Controller(kube, clock=lambda: "t").reconcile(body(), full=True)
+    assert len(outcome.errors) == 1 and "ConfigMap default/demo-config" in outcome.errors[0]
+    assert "422" in outcome.errors[0]
+    assert ("create", "Job/demo-trainer") in kube.calls
+
+
+def test_suspending_deletes_the_job_in_the_foreground_and_scales_the_rollout() -> None:
+    job = {"metadata": {"annotations": {"luffy.dev/attempt": "0", "luffy.dev/rollout-replicas": "2"}}, "status": {}}
+    kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout(), "Job/demo-trainer": job})
+    Controller(kube, clock=lambda: "t").reconcile(body({"phase": "Running"}, suspend=True), full=False)
+    assert kube.calls == [("patch", "StatefulSet/demo-rollout"), ("delete-Foreground", "Job/demo-trainer")]
+
+
+def test_a_missing_credentials_secret_is_an_mlflow_condition() -> None:
+    kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout()})
+    mlflow = {"trackingUri": "http://mlflow:5000", "credentialsSecret": {"name": "nope"}}
+    outcome = Controller(kube, clock=lambda: "t").reconcile(body(mlflow=mlflow), full=False)
+    cond = next(c for c in outcome.status["conditions"] if c["type"] == "MlflowReady")
+    assert (cond["status"], cond["reason"]) == ("False", "MlflowError")
+    assert "spec.mlflow.credentialsSecret" in cond["message"] and "default/nope" in cond["message"]
+    assert ("create", "Job/demo-trainer") not in kube.calls

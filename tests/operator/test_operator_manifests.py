@@ -1,0 +1,301 @@
+"""The children of a LuffyRun, built by pure functions: valid Kubernetes objects that fit together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from luffy_operator import manifests
+from luffy_operator.api import parse_spec
+from luffy_operator.manifests import RunRef
+from luffy_trainer.config import parse_config
+from luffyrun_samples import valid_run
+from operator_harness import REPO
+
+REF = RunRef(name="demo", namespace="team-a", uid="0b5e7a9e-1111-2222-3333-444455556666")
+
+
+def spec_of(**overrides: Any):
+    return parse_spec(valid_run(**overrides)["spec"])
+
+
+def all_children(spec) -> list[dict[str, Any]]:
+    return [
+        *manifests.supporting_children(REF, spec),
+        manifests.rollout_statefulset(REF, spec, spec.rollout.replicas),
+        manifests.trainer_job(REF, spec, attempt=0, mlflow_run_id="abc123"),
+    ]
+
+
+def by_kind(children: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    found = [
+        c for c in children if c["kind"] == kind and component in (None, c["metadata"]["labels"]["luffy.dev/component"])
+    ]
+    assert len(found) == 1, (kind, component, [c["metadata"]["name"] for c in found])
+    return found[0]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def example_spec(name: str):
+    docs = yaml.safe_load_all((REPO / "examples" / name).read_text())
+    return parse_spec(next(d for d in docs if d and d["kind"] == "LuffyRun")["spec"])
+
+
+SPECS = {
+    "small": spec_of(),
+    "full": spec_of(
+        mlflow={"trackingUri": "http://mlflow:5000", "credentialsSecret": {"name": "mlflow-creds"}},
+        scheduling={
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "training",
+            "queueName": "team-a",
+        },
+        dataVolume={"claimName": "datasets"},
+        modelCache={"claimName": "hf-cache"},
+        rollout={"replicas": 3, "gpusPerReplica": 2, "tensorParallelSize": 2, "extraArgs": ["--max-num-seqs=64"]},
+        trainer={"nodes": 2, "gpusPerNode": 8, "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]},
+        checkpoint={"size": "100Gi", "accessMode": "ReadWriteMany", "storageClassName": "fast"},
+    ),
+    "sft": spec_of(algorithm={"mode": "sft", "nOnPolicy": 0}),
+    "tiny-example": example_spec("luffyrun-tiny-cpu.yaml"),
+    "7b-example": example_spec("luffyrun-qwen2.5-math-7b.yaml"),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_child_is_a_valid_kubernetes_object(name: str) -> None:
+    for child in all_children(SPECS[name]):
+        kubernetes_validate.validate(child, "1.32", strict=True)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_children_are_owned_labelled_and_namespaced(name: str) -> None:
+    spec = SPECS[name]
+    for child in all_children(spec):
+        md = child["metadata"]
+        assert md["namespace"] == REF.namespace
+        assert md["name"].startswith(REF.name + "-")
+        assert md["labels"]["luffy.dev/run"] == REF.name
+        assert md["labels"]["app.kubernetes.io/managed-by"] == "luffy-operator"
+        (owner,) = md["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("LuffyRun", "demo", REF.uid, True)
+
+
+def test_pods_run_as_non_root() -> None:
+    children = all_children(SPECS["full"])
+    for workload in (by_kind(children, "StatefulSet"), by_kind(children, "Job")):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert {"/tmp", "/dev/shm"} <= {m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_rollout_statefulset_serves_vllm_with_probes() -> None:
+    spec = SPECS["full"]
+    sts = manifests.rollout_statefulset(REF, spec, replicas=3)
+    service = manifests.rollout_service(REF)
+    pod = sts["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert sts["spec"]["replicas"] == 3
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert container["command"] == ["luffy"]
+    args = container["args"]
+    assert args[:7] == ["serve-rollout", "--model", "/workspace/model", "--host", "0.0.0.0", "--port", "8000"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--max-model-len") + 1] == str(64 + 64)
+    assert args[args.index("--") + 1 :] == ["--enforce-eager", "--max-num-seqs=64"]
+    assert env_of(container)["VLLM_SERVER_DEV_MODE"] == "1"
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= spec.rollout.startup_timeout_seconds
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "hf-cache"
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "datasets", "readOnly": True}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_rollout_on_cpu_has_no_gpu_request_and_a_model_cache_emptydir() -> None:
+    sts = manifests.rollout_statefulset(REF, SPECS["small"], replicas=2)
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert "--gpu-memory-utilization" not in container["args"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["model-cache"]
+
+
+def test_trainer_job_is_an_indexed_torchrun_gang() -> None:
+    spec = SPECS["full"]
+    job = manifests.trainer_job(REF, spec, attempt=2, mlflow_run_id="run-42")
+    service = manifests.trainer_service(REF, spec)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["spec"]["backoffLimit"] == 0
+    assert pod["restartPolicy"] == "Never"
+    assert pod["subdomain"] == service["metadata"]["name"] == REF.trainer
+    assert job["metadata"]["annotations"]["luffy.dev/attempt"] == "2"
+    assert job["metadata"]["annotations"]["luffy.dev/rollout-replicas"] == "3"
+    rendezvous = f"{REF.trainer}-0.{REF.trainer}.{REF.namespace}.svc"
+    assert container["command"] == ["torchrun"]
+    assert container["args"] == [
+        "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "$(JOB_COMPLETION_INDEX)",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rendezvous}:29500", "--rdzv-id", REF.uid,
+        "--max-restarts", "0", "-m", "luffy_trainer.cli", "train", "/etc/luffy/config.yaml",
+    ]  # fmt: skip
+    names = [e["name"] for e in container["env"]]
+    assert names.index("JOB_COMPLETION_INDEX") < names.index("PET_NODE_RANK")  # $(VAR) expands earlier entries only
+    env = env_of(container)
+    assert env["JOB_COMPLETION_INDEX"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("2", "8", "$(JOB_COMPLETION_INDEX)")
+    assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"] == env["LUFFY_WEIGHT_SYNC_HOST"] == rendezvous
+    assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "29500"
+    assert env["LUFFY_WEIGHT_SYNC_PORT"] == "29600"
+    assert (env["LUFFY_RUN_NAME"], env["LUFFY_RUN_NAMESPACE"]) == ("demo", "team-a")
+    assert (env["MLFLOW_TRACKING_URI"], env["MLFLOW_EXPERIMENT_NAME"], env["MLFLOW_RUN_ID"]) == (
+        "http://mlflow:5000",
+        "luffy",
+        "run-42",
+    )
+    for var, key in (("USERNAME", "username"), ("PASSWORD", "password"), ("TOKEN", "token")):
+        assert env[f"MLFLOW_TRACKING_{var}"]["secretKeyRef"] == {"name": "mlflow-creds", "key": key, "optional": True}
+    assert env["NCCL_DEBUG"] == "INFO"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert pod["serviceAccountName"] == REF.trainer
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/luffy"]]["configMap"]["name"] == REF.config_map
+    assert volumes[mounts["/checkpoints"]]["persistentVolumeClaim"]["claimName"] == REF.checkpoints
+    assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "datasets"
+
+
+def test_rollout_urls_name_each_statefulset_pod_through_the_headless_service() -> None:
+    spec = SPECS["full"]
+    sts = manifests.rollout_statefulset(REF, spec, spec.rollout.replicas)
+    job = manifests.trainer_job(REF, spec, 0, None)
+    urls = env_of(job["spec"]["template"]["spec"]["containers"][0])["LUFFY_ROLLOUT_URLS"].split(",")
+    name, service, port = sts["metadata"]["name"], sts["spec"]["serviceName"], manifests.ROLLOUT_PORT
+    assert urls == [f"http://{name}-{i}.{service}.{REF.namespace}.svc:{port}" for i in range(3)]
+    assert urls[0] == "http://demo-rollout-0.demo-rollout.team-a.svc:8000"
+
+
+def test_trainer_service_exposes_rendezvous_and_one_weight_sync_port_per_replica() -> None:
+    service = manifests.trainer_service(REF, SPECS["full"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert [p["port"] for p in service["spec"]["ports"]] == [29500, 29600, 29601, 29602]
+    assert manifests.mutable_projection(service) == {"spec": {"ports": service["spec"]["ports"]}}
+    assert manifests.mutable_projection(manifests.rollout_service(REF)) is None
+
+
+def test_config_map_holds_the_trainer_config_for_the_pods() -> None:
+    spec = SPECS["full"]
+    cm = manifests.config_map(REF, spec)
+    config = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert config == manifests.train_config(REF, spec)
+    assert config.rollout.backend == "vllm-server"
+    assert config.rollout.tensor_parallel_size == 2
+    assert config.checkpoint.dir == "/checkpoints/demo/checkpoints"
+    assert config.checkpoint.every_steps == spec.checkpoint.every_steps
+    assert config.output_dir == "/checkpoints/demo/outputs"
+    assert config.tracking.tracking_uri == "http://mlflow:5000" and config.tracking.run_name == "demo"
+    assert config.model == spec.model and config.algorithm == spec.algorithm and config.data == spec.data
+
+
+def test_network_policies_admit_only_the_runs_own_pods() -> None:
+    children = all_children(SPECS["full"])
+    sts, job = by_kind(children, "StatefulSet"), by_kind(children, "Job")
+    rollout_pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    trainer_pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    rollout_np = by_kind(children, "NetworkPolicy", "rollout")
+    trainer_np = by_kind(children, "NetworkPolicy", "trainer")
+    assert rollout_np["spec"]["podSelector"]["matchLabels"].items() <= rollout_pod_labels.items()
+    (rule,) = rollout_np["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= trainer_pod_labels.items()
+    assert not peer["podSelector"]["matchLabels"].items() <= rollout_pod_labels.items()
+    assert "ports" not in rule  # NCCL needs ephemeral ports
+    (rule,) = trainer_np["spec"]["ingress"]
+    (peer,) = rule["from"]
+    selected = peer["podSelector"]["matchLabels"].items()
+    assert selected <= trainer_pod_labels.items() and selected <= rollout_pod_labels.items()
+
+
+def test_trainer_may_patch_only_its_own_status() -> None:
+    children = all_children(SPECS["small"])
+    role = by_kind(children, "Role")
+    binding = by_kind(children, "RoleBinding")
+    account = by_kind(children, "ServiceAccount")
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["luffy.dev"] and rule["resourceNames"] == ["demo"]
+        assert set(rule["verbs"]) <= {"get", "patch"}
+        assert "patch" not in rule["verbs"] or rule["resources"] == ["luffyruns/status"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}
+    ]
+
+
+def test_scheduling_reaches_both_pod_templates_and_kueue_labels_the_workloads() -> None:
+    children = all_children(SPECS["full"])
+    for workload in (by_kind(children, "StatefulSet"), by_kind(children, "Job")):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"pool": "gpu"}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert pod["priorityClassName"] == "training"
+        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert by_kind(children, "Job")["spec"]["suspend"] is True  # Kueue admits it
+    assert by_kind(all_children(SPECS["small"]), "Job")["spec"]["suspend"] is False
+
+
+def test_checkpoint_claim_new_retained_or_existing() -> None:
+    claim = manifests.checkpoint_claim(REF, SPECS["full"])
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "100Gi"}},
+        "storageClassName": "fast",
+    }
+    retained = manifests.checkpoint_claim(REF, spec_of(checkpoint={"size": "1Gi", "retainClaim": True}))
+    assert "ownerReferences" not in retained["metadata"]
+    existing = spec_of(checkpoint={"existingClaim": "shared"})
+    assert manifests.checkpoint_claim(REF, existing) is None
+    assert not [c for c in manifests.supporting_children(REF, existing) if c["kind"] == "PersistentVolumeClaim"]
+    pod = manifests.trainer_job(REF, existing, 0, None)["spec"]["template"]["spec"]
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
+
+
+def test_sft_runs_without_rollout_servers() -> None:
+    spec = SPECS["sft"]
+    children = manifests.supporting_children(REF, spec)
+    assert not [c for c in children if c["metadata"]["labels"]["luffy.dev/component"] == "rollout"]
+    env = env_of(manifests.trainer_job(REF, spec, 0, None)["spec"]["template"]["spec"]["containers"][0])
+    assert "LUFFY_ROLLOUT_URLS" not in env and "LUFFY_WEIGHT_SYNC_HOST" not in env
+
+
+def test_paper_example_uses_eight_gpus() -> None:
+    spec = SPECS["7b-example"]
+    assert spec.trainer.nodes * spec.trainer.gpus_per_node + spec.rollout.replicas * spec.rollout.gpus_per_replica == 8
+    a, o = spec.algorithm, spec.optimization
+    assert (a.mode, a.n_on_policy, a.n_off_policy, a.gamma, a.clip_eps) == ("luffy", 7, 1, 0.1, None)
+    assert (a.aggregation, a.entropy_coeff, a.normalize_std) == ("token-sum", 0.001, False)
+    assert (o.lr, o.prompts_per_step, o.optimizer_steps_per_batch, o.total_steps) == (1e-6, 128, 2, 500)
+    assert (spec.data.max_prompt_length, spec.data.max_response_length, spec.rollout.max_model_len) == (
+        1024,
+        8192,
+        9216,
+    )

@@ -1,0 +1,255 @@
+"""The reconciler's decisions (a pure function of the run and what was observed), scenario by scenario."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from luffy_operator.api import dump_spec, parse_spec
+from luffy_operator.reconcile import (
+    ACCEPTED_SPEC_ANNOTATION,
+    JobView,
+    MlflowView,
+    Observed,
+    Plan,
+    RolloutView,
+    RunView,
+    plan_run,
+    resolve_spec,
+)
+from luffyrun_samples import valid_run
+
+NOW = "2026-11-25T12:00:00Z"
+
+
+def body(status: dict[str, Any] | None = None, accepted: dict[str, Any] | None = None, **spec: Any) -> dict:
+    obj = valid_run(**spec)
+    obj["metadata"].update(uid="uid-1", generation=3)
+    if accepted is not None:
+        obj["metadata"]["annotations"] = {ACCEPTED_SPEC_ANNOTATION: json.dumps(accepted)}
+    obj["status"] = status or {}
+    return obj
+
+
+def accepted_of(**spec: Any) -> dict[str, Any]:
+    return dump_spec(parse_spec(valid_run(**spec)["spec"]))
+
+
+def job(attempt: int = 0, replicas: int = 2, *, ready: int = 0, condition: str | None = None, **extra: Any) -> JobView:
+    status: dict[str, Any] = {"ready": ready, "active": ready}
+    if condition:
+        status["conditions"] = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded"}]
+    obj = {
+        "metadata": {"annotations": {"luffy.dev/attempt": str(attempt), "luffy.dev/rollout-replicas": str(replicas)}},
+        "spec": {"suspend": extra.pop("suspended", False)},
+        "status": status,
+    }
+    if extra.pop("terminating", False):
+        obj["metadata"]["deletionTimestamp"] = NOW
+    return JobView.of(obj)
+
+
+def plan(obj: dict, job_view: JobView | None = None, rollout: RolloutView | None = None, **kw: Any) -> Plan:
+    run = RunView.from_body(obj)
+    observed = Observed(job=job_view, rollout=rollout, mlflow=kw.pop("mlflow", MlflowView()))
+    return plan_run(run, resolve_spec(run), observed, kw.pop("now", NOW), full=kw.pop("full", False))
+
+
+def kinds(manifests: list[dict]) -> list[str]:
+    return [m["kind"] for m in manifests]
+
+
+def condition(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+READY = RolloutView(replicas=2, ready=2)
+
+
+def test_new_run_creates_everything_but_the_trainer_until_the_rollout_is_ready() -> None:
+    p = plan(body())
+    assert "StatefulSet" in kinds(p.ensure) and "ConfigMap" in kinds(p.ensure) and "Job" not in kinds(p.ensure)
+    sts = next(m for m in p.ensure if m["kind"] == "StatefulSet")
+    assert sts["spec"]["replicas"] == 2
+    assert p.create_job is None
+    assert (p.status["phase"], p.status["reason"]) == ("Pending", "WaitingForRollout")
+    assert p.accepted == accepted_of()
+    assert condition(p.status, "SpecAccepted")["status"] == "True"
+    assert [e.reason for e in p.events][:1] == ["WaitingForRollout"]
+
+
+def test_ready_rollout_starts_the_trainer_with_attempt_zero() -> None:
+    p = plan(body(status={"phase": "Pending", "reason": "WaitingForRollout"}), rollout=READY)
+    assert p.create_job is not None
+    assert p.create_job["metadata"]["annotations"]["luffy.dev/attempt"] == "0"
+    assert "ConfigMap" in kinds(p.ensure)  # what the trainer pods mount exists first
+    assert (p.status["phase"], p.status["reason"]) == ("Pending", "TrainerStarting")
+
+
+def test_all_ranks_ready_is_running_with_a_start_time() -> None:
+    p = plan(body(status={"phase": "Pending"}), job(ready=1), READY)
+    assert p.status["phase"] == "Running" and p.status["startTime"] == NOW
+    assert condition(p.status, "TrainerRunning")["status"] == "True"
+    assert p.create_job is None and not p.delete_job
+    later = plan(body(status=p.status), job(ready=1), READY, now="2026-11-25T13:00:00Z")
+    assert "startTime" not in later.status  # kept as first recorded
+    assert condition(later.status, "TrainerRunning")["lastTransitionTime"] == NOW
+    assert later.events == []
+
+
+def test_a_failure_is_counted_once_then_the_job_is_replaced() -> None:
+    running = {"phase": "Running", "restarts": 0}
+    counted = plan(body(status=running), job(0, condition="Failed"), READY)
+    assert (counted.status["phase"], counted.status["reason"], counted.status["restarts"]) == (
+        "Restarting",
+        "TrainerFailed",
+        1,
+    )
+    assert not counted.delete_job and counted.create_job is None
+    assert (counted.events[0].type, counted.events[0].reason) == ("Warning", "TrainerFailed")
+    again = plan(body(status=counted.status), job(0, condition="Failed"), READY)
+    assert again.status["restarts"] == 1 and again.delete_job and again.create_job is None
+    replaced = plan(body(status=again.status), None, READY)
+    assert replaced.create_job["metadata"]["annotations"]["luffy.dev/attempt"] == "1"
+
+
+def test_failures_beyond_max_restarts_fail_the_run_and_its_mlflow_run() -> None:
+    status = {"phase": "Running", "restarts": 1, "mlflow": {"runId": "r1"}}
+    obj = body(status=status, mlflow={"trackingUri": "http://mlflow:5000"}, failurePolicy={"maxRestarts": 1})
+    p = plan(obj, job(1, condition="Failed"), READY)
+    assert (p.status["phase"], p.status["reason"]) == ("Failed", "MaxRestartsExceeded")
+    assert p.status["restarts"] == 1 and p.status["completionTime"] == NOW
+    assert p.fail_mlflow_run == "r1"
+    assert p.scale_rollout == 0 and not p.delete_job and p.create_job is None
+    assert condition(p.status, "Failed")["status"] == "True"
+    assert p.status["finalized"] is False  # until the rollout is observed at zero
+    done = plan(body(status=p.status, mlflow={"trackingUri": "http://mlflow:5000"}), job(1, condition="Failed"))
+    assert done.status["finalized"] is True and done.fail_mlflow_run is None
+    assert done.status["phase"] == "Failed" and done.events == []
+
+
+def test_success_scales_the_rollout_down_and_records_the_model_version() -> None:
+    mlflow = {"trackingUri": "http://mlflow:5000", "registeredModelName": "policy"}
+    running = {"phase": "Running", "mlflow": {"runId": "r1"}}
+    p = plan(body(status=running, mlflow=mlflow), job(0, condition="Complete"), READY)
+    assert (p.status["phase"], p.scale_rollout) == ("Succeeded", 0)
+    assert p.status["rollout"]["desired"] == 0 and p.status["finalized"] is False
+    seen = MlflowView(model_version="3", model_lookup_done=True)
+    done = plan(body(status=p.status, mlflow=mlflow), job(0, condition="Complete"), RolloutView(0, 0), mlflow=seen)
+    assert done.status["mlflow"] == {"runId": "r1", "modelName": "policy", "modelVersion": "3"}
+    assert done.status["finalized"] is True and done.scale_rollout is None
+
+
+def test_cleanup_delete_removes_workloads_but_keeps_config_and_checkpoints() -> None:
+    p = plan(body(status={"phase": "Running"}, cleanup={"onSuccess": "Delete"}), job(condition="Complete"), READY)
+    deleted = {(k.kind, k.name) for k in p.delete}
+    assert {("Job", "demo-trainer"), ("StatefulSet", "demo-rollout"), ("Service", "demo-rollout")} <= deleted
+    assert {("NetworkPolicy", "demo-trainer"), ("Role", "demo-trainer"), ("ServiceAccount", "demo-trainer")} <= deleted
+    assert not {k.kind for k in p.delete} & {"ConfigMap", "PersistentVolumeClaim"}
+    assert p.scale_rollout is None and not p.ensure
+    gone = plan(body(status=p.status, cleanup={"onSuccess": "Delete"}), None, None)
+    assert gone.status["finalized"] is True and gone.delete == [] and gone.ensure == []
+
+
+def test_suspend_stops_the_trainer_and_resume_continues_from_the_checkpoint() -> None:
+    running = {"phase": "Running", "restarts": 1}
+    p = plan(body(status=running, suspend=True), job(1, ready=1), READY)
+    assert p.delete_job and p.scale_rollout == 0 and p.status["phase"] == "Suspended"
+    assert condition(p.status, "Suspended")["status"] == "True"
+    still = plan(body(status=p.status, suspend=True), None, RolloutView(0, 0))
+    assert still.create_job is None and still.scale_rollout is None and still.status["phase"] == "Suspended"
+    resumed = plan(body(status=still.status), None, RolloutView(0, 0))
+    assert resumed.scale_rollout == 2 and resumed.create_job is None  # waits for the rollout again
+    restarted = plan(body(status=resumed.status), None, READY)
+    assert restarted.create_job["metadata"]["annotations"]["luffy.dev/attempt"] == "1"  # not counted as a failure
+    assert restarted.status["restarts"] == 1
+
+
+def test_rescaling_the_rollout_restarts_the_trainer_with_the_new_endpoints() -> None:
+    status = {"phase": "Running", "restarts": 0}
+    p = plan(body(status=status, rollout={"replicas": 3, "gpusPerReplica": 0}), job(0, 2, ready=1), READY)
+    assert p.delete_job and p.scale_rollout == 3
+    assert (p.status["phase"], p.status["reason"], p.status["restarts"]) == ("Restarting", "RolloutRescaled", 0)
+    grown = RolloutView(3, 3)
+    new = plan(body(status=p.status, rollout={"replicas": 3, "gpusPerReplica": 0}), None, grown)
+    env = {e["name"]: e.get("value") for e in new.create_job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert len(env["LUFFY_ROLLOUT_URLS"].split(",")) == 3
+
+
+def test_an_immutable_edit_is_refused_with_a_condition_and_ignored() -> None:
+    accepted = accepted_of()
+    edited = body(
+        status={"phase": "Pending"},
+        accepted=accepted,
+        model={"path": "/other/model", "dtype": "float32"},
+        rollout={"replicas": 3, "gpusPerReplica": 0},
+    )
+    p = plan(edited, None, RolloutView(3, 3), full=True)
+    cond = condition(p.status, "SpecAccepted")
+    assert (cond["status"], cond["reason"]) == ("False", "ImmutableFieldChanged")
+    assert "spec.model.path" in cond["message"] and "replicas" not in cond["message"]
+    config = next(m for m in p.ensure if m["kind"] == "ConfigMap")["data"]["config.yaml"]
+    assert "/workspace/model" in config and "/other/model" not in config
+    assert p.accepted["rollout"]["replicas"] == 3 and p.accepted["model"]["path"] == "/workspace/model"
+    assert any(e.type == "Warning" and e.reason == "ImmutableFieldChanged" for e in p.events)
+
+
+def test_a_spec_that_was_never_valid_fails_and_recovers_when_fixed() -> None:
+    bad = body(algorithm={"mode": "ppo"})
+    p = plan(bad, None, None)
+    assert (p.status["phase"], p.status["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.algorithm.mode" in p.status["message"]
+    assert p.ensure == [] and p.create_job is None and p.accepted is None and p.status["finalized"] is True
+    fixed = plan(body(status=p.status), None, None)
+    assert fixed.status["phase"] == "Pending" and fixed.ensure and fixed.accepted is not None
+    assert fixed.status["completionTime"] is None and fixed.status["finalized"] is False
+
+
+def test_an_invalid_edit_keeps_the_accepted_spec_running() -> None:
+    obj = body(status={"phase": "Running"}, accepted=accepted_of(), algorithm={"mode": "ppo"})
+    p = plan(obj, job(ready=1), READY)
+    assert p.status["phase"] == "Running"
+    cond = condition(p.status, "SpecAccepted")
+    assert cond["reason"] == "InvalidSpec" and "spec.algorithm.mode" in cond["message"]
+
+
+def test_unreachable_mlflow_holds_the_trainer_back_with_a_condition() -> None:
+    seen = MlflowView(error="cannot reach MLflow at http://mlflow:5000: refused", unreachable=True)
+    p = plan(body(mlflow={"trackingUri": "http://mlflow:5000"}), None, READY, mlflow=seen)
+    assert p.create_job is None
+    assert (p.status["phase"], p.status["reason"]) == ("Pending", "WaitingForMlflow")
+    cond = condition(p.status, "MlflowReady")
+    assert (cond["status"], cond["reason"]) == ("False", "MlflowUnreachable") and "refused" in cond["message"]
+    ok = MlflowView(run_id="r9", experiment_id="1", url="http://mlflow:5000/#/experiments/1/runs/r9")
+    started = plan(body(status=p.status, mlflow={"trackingUri": "http://mlflow:5000"}), None, READY, mlflow=ok)
+    assert started.status["mlflow"]["runId"] == "r9"
+    env = {e["name"]: e.get("value") for e in started.create_job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_RUN_ID"] == "r9"
+
+
+def test_a_job_queued_by_kueue_is_pending() -> None:
+    p = plan(body(status={"phase": "Pending"}, scheduling={"queueName": "q"}), job(suspended=True), READY)
+    assert (p.status["phase"], p.status["reason"]) == ("Pending", "Queued")
+    assert not p.delete_job
+
+
+def test_a_terminating_job_is_awaited_not_replaced() -> None:
+    p = plan(body(status={"phase": "Restarting", "restarts": 1}), job(0, condition="Failed", terminating=True), READY)
+    assert p.create_job is None and not p.delete_job and p.status["phase"] == "Restarting"
+
+
+def test_full_reconcile_recreates_missing_supporting_children() -> None:
+    running = plan(body(status={"phase": "Running"}), job(ready=1), READY, full=True)
+    assert {"ConfigMap", "Service", "NetworkPolicy", "Role", "RoleBinding", "ServiceAccount"} <= set(
+        kinds(running.ensure)
+    )
+    timer = plan(body(status={"phase": "Running"}), job(ready=1), READY, full=False)
+    assert timer.ensure == []
+
+
+def test_reconciling_twice_changes_nothing_more() -> None:
+    first = plan(body(status={"phase": "Running", "restarts": 0}), job(ready=1), READY)
+    second = plan(body(status=first.status, accepted=first.accepted), job(ready=1), READY)
+    assert {**first.status, **second.status} == first.status  # status is merge-patched
+    assert second.events == [] and second.accepted is None
+    assert (second.create_job, second.delete_job, second.scale_rollout, second.ensure) == (None, False, None, [])

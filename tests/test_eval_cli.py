@@ -1,0 +1,287 @@
+"""`luffy eval` end to end on the tiny model: real engines (HF and vLLM), real grading pools, a real MLflow server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+from luffy_trainer.cli import main as luffy
+from luffy_trainer.rewards import get_reward, register_reward
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "benchmarks"
+SYSTEM_TEXT = "Reason step by step"  # the start of the system prompt in examples/benchmarks/luffy_format_sample.jsonl
+
+
+@register_reward("test_even_length")
+def even_length(response: str, ground_truth: str) -> float:
+    """1.0 for a response of even length: right about half the time on any model, so avg@k and pass@k are
+    exercised with mixed grades through the real command."""
+    return float(len(response) % 2 == 0)
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_environment(monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def expected_scores(samples: list[dict], k: int, j: int) -> dict[str, dict[str, float]]:
+    """avg@k, pass@j (averaged over every j-subset of each problem's samples) and pass@k, from the saved
+    generations, with the rewards re-graded here."""
+    grades: dict[str, dict[int, list[bool]]] = {}
+    for s in samples:
+        reward = get_reward(s["grader"])(s["response"], s["ground_truth"])
+        assert reward == s["reward"]
+        grades.setdefault(s["benchmark"], {}).setdefault(s["index"], []).append(reward > 0.5)
+    out = {}
+    for source, problems in grades.items():
+        rows = list(problems.values())
+        assert all(len(r) == k for r in rows)
+        subsets = list(itertools.combinations(range(k), j))
+        out[source] = {
+            f"avg@{k}": sum(sum(r) / k for r in rows) / len(rows),
+            f"pass@{j}": sum(sum(any(r[i] for i in c) for c in subsets) / len(subsets) for r in rows) / len(rows),
+            f"pass@{k}": sum(any(r) for r in rows) / len(rows),
+        }
+    return out
+
+
+def run_id_from(stdout: str) -> str:
+    match = re.search(r"MLflow run: (\w+)", stdout)
+    assert match, stdout
+    return match.group(1)
+
+
+def test_eval_on_hf_writes_results_and_logs_them_to_mlflow(tiny_model_dir, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "results"
+    # examples/benchmarks/luffy_format_sample.jsonl: "math" (3 problems) and "arc_c" (2, multiple choice)
+    argv = [
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--benchmark",
+        str(EXAMPLES / "luffy_format_sample.jsonl"),
+        "--backend",
+        "hf",
+        "--dtype",
+        "float32",
+        "--samples",
+        "4",
+        "--pass-at",
+        "2",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "24",
+        "--grader",
+        "math=test_even_length",
+        "--grader-workers",
+        "2",
+        "--output",
+        str(out),
+        "--tracking-uri",
+        mlflow_server.uri,
+        "--experiment",
+        "eval-test",
+        "--run-name",
+        "tiny-eval",
+    ]
+    assert luffy(argv) == 0
+    stdout = capsys.readouterr().out
+
+    samples = read_jsonl(out / "generations.jsonl")
+    assert len(samples) == (3 + 2) * 4
+    assert {s["benchmark"]: s["grader"] for s in samples} == {"math": "test_even_length", "arc_c": "multiple_choice"}
+    for s in samples:
+        assert SYSTEM_TEXT not in s["prompt"]  # the system message is removed ...
+        assert s["prompt"].startswith("<|im_start|>user\n") and s["prompt"].endswith("<|im_start|>assistant\n<think>\n")
+        assert 1 <= s["response_tokens"] <= 24 and s["finish_reason"] in ("stop", "length")
+    assert sorted({(s["benchmark"], s["index"], s["sample"]) for s in samples}) == sorted(
+        [("math", i, j) for i in range(3) for j in range(4)] + [("arc_c", i, j) for i in range(2) for j in range(4)]
+    )
+    expected = expected_scores(samples, k=4, j=2)
+    assert any(0 < v["avg@4"] < 1 for v in expected.values())  # mixed grades: the arithmetic is really exercised
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["samples"] == 4 and results["system_prompt"] == "removed"
+    assert results["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, "seed": 47}
+    assert list(results["benchmarks"]) == ["arc_c", "math"]
+    for source, scores in expected.items():
+        got = results["benchmarks"][source]
+        assert {key: got[key] for key in scores} == pytest.approx(scores)
+        assert got["problems"] == got["distinct_problems"] == {"math": 3, "arc_c": 2}[source]
+    for key in ("avg@4", "pass@2", "pass@4"):  # unweighted mean over the two benchmarks
+        assert results["average"][key] == pytest.approx((expected["math"][key] + expected["arc_c"][key]) / 2)
+
+    table = (out / "results.md").read_text()
+    math_row = f"| math | 3 | {100 * expected['math']['avg@4']:.1f} | {100 * expected['math']['pass@2']:.1f} |"
+    assert math_row in table and math_row in stdout
+    assert "| **average (2)** |" in table
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(run_id_from(stdout))
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-eval"
+    assert client.get_experiment(run.info.experiment_id).name == "eval-test"
+    assert run.data.params["eval.samples"] == "4" and run.data.params["eval.model"] == tiny_model_dir
+    for source, scores in expected.items():
+        for key, value in scores.items():
+            assert run.data.metrics[f"eval/{source}/{key.replace('@', '_at_')}"] == pytest.approx(value)
+    assert run.data.metrics["eval/mean/avg_at_4"] == pytest.approx(results["average"]["avg@4"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step_0")}
+    assert artifacts == {"eval/step_0/results.json", "eval/step_0/results.md", "eval/step_0/generations.jsonl"}
+    logged = client.download_artifacts(run.info.run_id, "eval/step_0/results.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text()) == results
+
+
+@pytest.mark.vllm
+def test_eval_on_vllm_joins_an_existing_run_at_a_step(tiny_model_dir, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.create_experiment("training-like")
+    training = client.create_run(experiment).info.run_id
+    client.log_param(training, "algorithm.mode", "luffy")
+    client.set_terminated(training, "FINISHED")
+
+    out = tmp_path / "results"
+    argv = [
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--benchmark",
+        str(EXAMPLES / "flat_sample.jsonl"),
+        "--format",
+        "flat",
+        "--data-source",
+        "arith",
+        "--limit",
+        "2",
+        "--backend",
+        "vllm",
+        "--dtype",
+        "float32",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "16",
+        "--max-prompt-length",
+        "64",
+        "--grader-workers",
+        "1",
+        "--output",
+        str(out),
+        "--tracking-uri",
+        mlflow_server.uri,
+        "--run-id",
+        training,
+        "--step",
+        "7",
+    ]
+    assert luffy(argv) == 0
+    assert run_id_from(capsys.readouterr().out) == training
+
+    samples = read_jsonl(out / "generations.jsonl")
+    assert len(samples) == 2 * 2 and {s["benchmark"] for s in samples} == {"arith"}  # --limit 2 problems
+    assert {s["grader"] for s in samples} == {"math_verify"}
+    assert all(1 <= s["response_tokens"] <= 16 for s in samples)
+    assert [s["prompt"] for s in samples[::2]] == [
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        for q in ("What is 9 * 8?", "What is 100 - 37?")
+    ]
+    expected = expected_scores(samples, k=2, j=1)["arith"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmarks"]["arith"]["avg@2"] == pytest.approx(expected["avg@2"])
+
+    run = client.get_run(training)
+    assert run.info.status == "FINISHED"  # the run keeps its status
+    assert run.data.params["algorithm.mode"] == "luffy" and run.data.params["eval.backend"] == "vllm"
+    history = client.get_metric_history(training, "eval/arith/avg_at_2")
+    assert [(m.step, m.value) for m in history] == [(7, pytest.approx(expected["avg@2"]))]
+    assert "progress/step" not in run.data.metrics  # no training-step marker: a resumed training is not confused
+    assert {a.path for a in client.list_artifacts(training, "eval/step_7")} == {
+        "eval/step_7/results.json",
+        "eval/step_7/results.md",
+        "eval/step_7/generations.jsonl",
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_rejects_bad_input_with_a_clear_message(tiny_model_dir, mlflow_server, tmp_path, capsys):
+    flat = str(EXAMPLES / "flat_sample.jsonl")
+    luffy_rows = str(EXAMPLES / "luffy_format_sample.jsonl")
+    gpqa_text_answer = write_jsonl(
+        tmp_path / "gpqa.jsonl",
+        [
+            {
+                "data_source": "gpqa",
+                "prompt": [{"role": "user", "content": "Q"}],
+                "reward_model": {"ground_truth": "4.5 eV"},
+            }
+        ],
+    )
+    base = ["eval", "--model", tiny_model_dir, "--backend", "hf", "--output", str(tmp_path / "out")]
+    cases = [
+        (["--benchmark", str(tmp_path / "missing.parquet")], r"--benchmark .*missing\.parquet: .*does not exist"),
+        (["--benchmark", luffy_rows, "--format", "flat"], r"column 'question' \(data\.flat_columns\.question"),
+        (["--benchmark", flat], r"column 'prompt' \(data\.luffy_columns\.prompt = 'prompt'\) not found"),
+        (["--benchmark", flat, "--format", "flat", "--answer-column", "solution"], r"column 'solution'"),
+        (["--benchmark", flat, "--format", "flat", "--data-source", "a", "--data-source", "b"], "once per --benchmark"),
+        (["--benchmark", luffy_rows, "--samples", "2", "--pass-at", "4"], "--pass-at 4 exceeds --samples 2"),
+        (["--benchmark", luffy_rows, "--grader", "nope"], "--grader nope: unknown reward 'nope'"),
+        (
+            ["--benchmark", luffy_rows, "--grader", "gsm8k=math_verify"],
+            r"no benchmark 'gsm8k'; benchmarks: arc_c, math",
+        ),
+        (["--benchmark", gpqa_text_answer], r"'gpqa' problem 0: ground truth '4.5 eV' is not an option label"),
+        (["--benchmark", luffy_rows, "--max-prompt-length", "8"], "over data.max_prompt_length = 8.*--max-prompt-len"),
+        (["--benchmark", luffy_rows, "--run-id", "abc"], "--run-id needs --tracking-uri"),
+        (
+            ["--benchmark", luffy_rows, "--tracking-uri", mlflow_server.uri, "--run-id", "0123abcd"],
+            "--run-id 0123abcd: cannot read this run at http://127.0.0.1",
+        ),
+    ]
+    for extra, message in cases:
+        assert luffy(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("luffy eval: ") and re.search(message, err), (extra, err)
+    assert not (tmp_path / "out").exists()  # nothing was generated
+
+
+def test_system_messages_are_dropped_and_repeated_problems_counted(tiny_model_dir):
+    from luffy_trainer.data import Example
+    from luffy_trainer.eval_cli import WithoutSystemMessages, distinct_problems
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    view = WithoutSystemMessages(tokenizer)
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    conversation = [{"role": "system", "content": "Be brief."}, user]
+    expected = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    assert "Be brief." not in expected
+    assert view.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) == expected
+    assert view.apply_chat_template([conversation], add_generation_prompt=True, tokenize=False) == [expected]
+    assert len(view) == len(tokenizer) and view.eos_token_id == tokenizer.eos_token_id
+
+    def example(source: str, prompt: str, truth: str) -> Example:
+        return Example(0, [1], truth, [], source, prompt)
+
+    rows = [
+        example("aime", "p1", "1"),
+        example("aime", "p1", "1"),
+        example("aime", "p2", "1"),
+        example("math", "p1", "1"),
+    ]
+    assert distinct_problems(rows) == {"aime": 2, "math": 1}

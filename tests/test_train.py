@@ -1,0 +1,232 @@
+"""`luffy train` end to end on the tiny model with real vLLM and a real MLflow server on 127.0.0.1.
+
+Covers: params, step metrics and the logged model; SIGKILL after a checkpoint then restart (same MLflow run, next
+step, no duplicated steps); a tracking server that is down for part of a run (no metric lost); each algorithm mode.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from luffy_trainer.config import parse_config
+from luffy_trainer.tasks import write_arithmetic_task
+from luffy_trainer.tracking import STEP_MARKER
+from luffy_trainer.train import LuffyTrainer
+from mlflow.tracking import MlflowClient
+from servers import MlflowServer
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """The quickstart task in the released LUFFY parquet schema (prompt / target / reward_model columns)."""
+    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_train=64, n_val=8, seed=1)
+
+
+def _config(tiny_model_dir: str, task_dir: Path, work: Path, **sections) -> dict:
+    config = {
+        "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": False},
+        "data": {
+            "trainFiles": [str(task_dir / "train.parquet")],
+            "valFiles": [str(task_dir / "val.parquet")],
+            "maxPromptLength": 64,
+            "maxResponseLength": 24,
+        },
+        "algorithm": {"nOnPolicy": 3},
+        "reward": {"numWorkers": 1},
+        "rollout": {"backend": "vllm", "maxModelLen": 96},
+        "optimization": {"lr": 1e-3, "promptsPerStep": 4, "optimizerStepsPerBatch": 2, "totalSteps": 3},
+        "validation": {"everySteps": 0, "samplesPerPrompt": 2},
+        "checkpoint": {"dir": str(work / "ckpt"), "everySteps": 2, "keepLast": 2},
+        "tracking": {"experimentName": "train-tests", "systemMetrics": False},
+        "outputDir": str(work / "out"),
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def _history_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_path, mlflow_server):
+    config = parse_config(
+        _config(
+            tiny_model_dir,
+            task_dir,
+            tmp_path,
+            tracking={
+                "trackingUri": mlflow_server.uri,
+                "registeredModelName": "tiny-luffy",
+                "registeredModelAlias": "candidate",
+            },
+        )
+    )
+    result = LuffyTrainer(config, workdir=tmp_path).run()
+    assert result.final_step == 3
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert result.validation is not None and set(result.validation.by_source) == {"unseen-3-terms", "harder-4-terms"}
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algorithm.gamma"] == "0.1"
+    assert run.data.params["optimization.total_steps"] == "3"
+    for key in (
+        "reward/mean",
+        "reward/on_policy",
+        "reward/off_policy",
+        "batch/solve_all",
+        "batch/solve_none",
+        "loss/policy",
+        "loss/on_policy",
+        "loss/off_policy",
+        "actor/entropy",
+        "actor/off_policy_prob_mean",
+        "actor/clip_fraction",
+        "actor/grad_norm",
+        "actor/lr",
+        "response_length/on_policy_mean",
+        "time/generate_s",
+        "time/train_s",
+        "time/weight_sync_s",
+        "throughput/rollout_tokens_per_s",
+    ):
+        assert _history_steps(client, result.run_id, key) == [1, 2, 3], key
+    assert _history_steps(client, result.run_id, "val/mean/avg_at_2") == [3]
+    # The trace is always correct, so the off-policy reward is 1 and part of each group.
+    assert run.data.metrics["reward/off_policy"] == 1.0
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert "config" in artifacts
+    version = client.get_model_version_by_alias("tiny-luffy", "candidate")
+    assert result.model_version == version.version
+    assert version.run_id == result.run_id
+
+
+def _train_process(config_path: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "luffy_trainer.cli", "train", str(config_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read().decode()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s}s")
+        time.sleep(0.2)
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
+    tiny_model_dir, task_dir, tmp_path, mlflow_server
+):
+    config = _config(
+        tiny_model_dir,
+        task_dir,
+        tmp_path,
+        optimization={"totalSteps": 12},
+        checkpoint={"everySteps": 4},
+        tracking={"trackingUri": mlflow_server.uri, "logModel": False},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    first = _train_process(path, _env())
+    _wait_for(tmp_path / "ckpt" / "step_000004" / "trainer_state.pt", first, timeout_s=300)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+
+    second = _train_process(path, _env())
+    output = second.communicate(timeout=600)[0].decode()
+    assert second.returncode == 0, output[-4000:]
+    assert "resumed from" in output and "step_000004" in output
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("train-tests").experiment_id],
+        filter_string=f"params.`checkpoint.dir` = '{tmp_path / 'ckpt'}'",
+    )
+    assert len(runs) == 1  # the restart attached to the run of the killed process
+    run_id = runs[0].info.run_id
+    assert _history_steps(client, run_id, STEP_MARKER) == list(range(1, 13))
+    assert _history_steps(client, run_id, "reward/mean") == list(range(1, 13))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_model_dir, task_dir, tmp_path):
+    (tmp_path / "mlflow-root").mkdir()
+    server = MlflowServer(tmp_path / "mlflow-root").start()
+    try:
+        config = _config(
+            tiny_model_dir,
+            task_dir,
+            tmp_path,
+            optimization={"totalSteps": 16},
+            checkpoint={"everySteps": 2},
+            tracking={"logModel": False},
+        )
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = _train_process(path, _env(MLFLOW_TRACKING_URI=server.uri))
+        _wait_for(tmp_path / "ckpt" / "step_000002" / "trainer_state.pt", proc, timeout_s=300)
+        server.stop()
+        _wait_for(tmp_path / "ckpt" / "step_000008" / "trainer_state.pt", proc, timeout_s=300)
+        server.start()
+        output = proc.communicate(timeout=600)[0].decode()
+        assert proc.returncode == 0, output[-4000:]
+        assert "buffering metrics" in output
+        client = MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])
+        assert _history_steps(client, run.info.run_id, STEP_MARKER) == list(range(1, 17))
+        assert _history_steps(client, run.info.run_id, "loss/total") == list(range(1, 17))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "algorithm"),
+    [("grpo", {"nOffPolicy": 0, "clipEps": 0.2}), ("sft", {"nOnPolicy": 0}), ("rl_sft_loss", {})],
+)
+def test_baseline_modes_train(mode, algorithm, tiny_model_dir, task_dir, tmp_path):
+    config = parse_config(
+        _config(
+            tiny_model_dir,
+            task_dir,
+            tmp_path,
+            algorithm={"mode": mode, **algorithm},
+            optimization={"totalSteps": 2},
+            validation={"samplesPerPrompt": 1},
+            tracking={"trackingUri": f"sqlite:///{tmp_path}/m.db", "logModel": False},
+        )
+    )
+    result = LuffyTrainer(config, workdir=tmp_path).run()
+    m = result.last_metrics
+    assert result.final_step == 2
+    if mode == "grpo":
+        assert "reward/off_policy" not in m and m["loss/off_policy"] == 0.0
+    if mode == "sft":
+        assert "reward/on_policy" not in m and m["time/generate_s"] == 0.0 and m["loss/nll"] > 0
+    if mode == "rl_sft_loss":
+        assert m["loss/nll"] > 0 and m["loss/off_policy"] == 0.0 and "reward/on_policy" in m

@@ -1,0 +1,101 @@
+"""Trainer rank 0 reports progress into its own LuffyRun's `status.progress` (what `kubectl get lr` shows).
+
+The operator passes LUFFY_RUN_NAME / LUFFY_RUN_NAMESPACE and a service account that may patch only this run's status.
+Outside a cluster (no LUFFY_RUN_NAME) `from_env()` returns None. Reporting never raises into the training loop: an API
+error is logged and a later report tries again. Reports are rate-limited; the last step is always sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from luffy_operator.api import GROUP, PLURAL, VERSION, ProgressStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_INTERVAL_S = 10.0
+
+
+class LuffyRunStatusReporter:
+    """Merge-patches `status.progress` of one LuffyRun through the status subresource."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        api: Any,
+        min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.api = api  # kubernetes.client.CustomObjectsApi
+        self.min_interval_s = min_interval_s
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self._last_sent: float | None = None
+
+    @classmethod
+    def from_env(cls, min_interval_s: float = DEFAULT_MIN_INTERVAL_S) -> LuffyRunStatusReporter | None:
+        """A reporter for the LuffyRun named by LUFFY_RUN_NAME (in LUFFY_RUN_NAMESPACE), or None when not set.
+
+        Uses the pod's service account, or the kubeconfig when run outside a pod."""
+        name = os.environ.get("LUFFY_RUN_NAME")
+        if not name:
+            return None
+        namespace = os.environ.get("LUFFY_RUN_NAMESPACE") or _pod_namespace()
+        try:
+            import kubernetes
+
+            config = kubernetes.client.Configuration()
+            try:
+                kubernetes.config.load_incluster_config(client_configuration=config)
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config(client_configuration=config)
+            api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(config))
+        except Exception as exc:  # no kubernetes package, no credentials: training goes on without reports
+            log.warning("LuffyRun status reports disabled: cannot configure a Kubernetes client (%s)", exc)
+            return None
+        return cls(name, namespace, api, min_interval_s=min_interval_s)
+
+    def report(self, step: int, total_steps: int, reward: float | None) -> None:
+        """Record progress; skipped if the last report was under `min_interval_s` ago, unless this is the last step."""
+        now = self.clock()
+        final = step >= total_steps
+        if not final and self._last_sent is not None and now - self._last_sent < self.min_interval_s:
+            return
+        progress = ProgressStatus(
+            step=step,
+            total_steps=total_steps,
+            reward=None if reward is None or reward != reward else float(reward),  # NaN is not valid JSON
+            updated_time=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        self._last_sent = now  # attempts are rate-limited too: an unreachable API must not slow every step
+        body = {"status": {"progress": progress.model_dump(mode="json", by_alias=True)}}
+        try:
+            self.api.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                body,
+                _content_type="application/merge-patch+json",
+                _request_timeout=self.timeout_s,
+            )
+        except Exception as exc:  # the training loop must not die for a status report
+            log.warning("could not report progress to LuffyRun %s/%s: %s", self.namespace, self.name, exc)
+
+
+def _pod_namespace() -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip()
+    except OSError:
+        return "default"

