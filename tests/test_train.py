@@ -28,7 +28,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """The quickstart task in the released LUFFY parquet schema (prompt / target / reward_model columns)."""
-    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_train=64, n_val=8, seed=1)
+    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_base=16, n_train=64, n_other=8, seed=1)
 
 
 def _config(tiny_model_dir: str, task_dir: Path, work: Path, **sections) -> dict:
@@ -64,17 +64,19 @@ def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_p
             tiny_model_dir,
             task_dir,
             tmp_path,
+            validation={"everySteps": 2},
             tracking={
                 "trackingUri": mlflow_server.uri,
                 "registeredModelName": "tiny-luffy",
                 "registeredModelAlias": "candidate",
+                "bestModelAlias": "best",
             },
         )
     )
     result = LuffyTrainer(config, workdir=tmp_path).run()
     assert result.final_step == 3
     assert (result.model_dir / "model.safetensors").is_file()
-    assert result.validation is not None and set(result.validation.by_source) == {"unseen-3-terms", "harder-4-terms"}
+    assert result.validation is not None and set(result.validation.by_source) == {"unseen-5-terms", "4-terms"}
 
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(result.run_id)
@@ -102,7 +104,7 @@ def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_p
         "throughput/rollout_tokens_per_s",
     ):
         assert _history_steps(client, result.run_id, key) == [1, 2, 3], key
-    assert _history_steps(client, result.run_id, "val/mean/avg_at_2") == [3]
+    assert _history_steps(client, result.run_id, "val/mean/avg_at_2") == [2, 3]
     # The trace is always correct, so the off-policy reward is 1 and part of each group.
     assert run.data.metrics["reward/off_policy"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -110,6 +112,14 @@ def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_p
     version = client.get_model_version_by_alias("tiny-luffy", "candidate")
     assert result.model_version == version.version
     assert version.run_id == result.run_id
+    # The best validation score so far (ties keep the earlier step) has its own registered version and alias.
+    history = {m.step: m.value for m in client.get_metric_history(result.run_id, "val/mean/avg_at_2")}
+    best_step = 2 if history[2] >= history[3] else 3
+    assert run.data.tags["luffy.best_step"] == str(best_step)
+    assert run.data.metrics["val/best/mean_avg"] == max(history.values())
+    best = client.get_model_version_by_alias("tiny-luffy", "best")
+    assert best.version == result.best_model_version != result.model_version
+    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
 
 
 def _train_process(config_path: Path, env: dict) -> subprocess.Popen:
@@ -133,9 +143,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, **extra}
 
 
 def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
@@ -196,7 +205,7 @@ def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_model_d
         server.start()
         output = proc.communicate(timeout=600)[0].decode()
         assert proc.returncode == 0, output[-4000:]
-        assert "buffering metrics" in output
+        assert "buffering metrics" in output, output[-6000:]
         client = MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("train-tests").experiment_id])
         assert _history_steps(client, run.info.run_id, STEP_MARKER) == list(range(1, 17))

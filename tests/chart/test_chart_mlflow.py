@@ -19,7 +19,7 @@ import pytest
 from chart_cases import NAMESPACE, OWN_MLFLOW_IMAGE, S3, VALID
 from chart_render import env_of, find, fullname, one, release_objects, render_all
 from mlflow.server.security_utils import is_allowed_host_header
-from operator_harness import free_port
+from servers import free_port
 
 Obj = dict[str, Any]
 

@@ -33,9 +33,9 @@ from operator_harness import (
     STATEFULSETS,
     Cluster,
     InProcessOperator,
-    free_port,
     wait_for,
 )
+from servers import free_port
 
 SETTINGS = OperatorSettings.from_env()
 

@@ -68,11 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
     )
     p.add_argument("--workdir", default="runs/quickstart", help="where the model, data and outputs go")
-    p.add_argument("--config", default="examples/quickstart.yaml", help="the quickstart config")
+    p.add_argument("--config", default="examples/quickstart.yaml", help="the config of the compared runs")
+    p.add_argument(
+        "--base-config", default=None, help="the config of the base model (default: luffy_trainer/quickstart_base.yaml)"
+    )
+    p.add_argument("--prepare-only", action="store_true", help="build model, data and base model, train nothing")
+    p.add_argument(
+        "--set-base",
+        dest="overrides_base",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base-model config",
+    )
     p.add_argument(
         "--modes",
         nargs="+",
-        default=["luffy"],
+        default=["luffy", "grpo"],
         choices=["luffy", "grpo", "sft", "rl_sft_loss"],
         help="algorithm modes to train and compare (same step budget)",
     )

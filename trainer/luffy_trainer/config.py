@@ -253,7 +253,14 @@ class TrackingConfig(Section):
     run_name: str | None = Field(None, description="MLflow run name.")
     log_model: bool = Field(True, description="Log the final model as an MLflow transformers model.")
     registered_model_name: str | None = Field(None, description="Register the final model under this name.")
-    registered_model_alias: str | None = Field(None, description="Alias pointed at the registered version.")
+    registered_model_alias: str | None = Field(None, description="Alias pointed at the final model's version.")
+    best_model_alias: str | None = Field(
+        None,
+        description=(
+            "Also register the model of the best validation score and point this alias at it "
+            "(needs registeredModelName and data.valFiles)."
+        ),
+    )
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
     log_every_steps: PositiveInt = Field(1, description="Log step metrics every N steps.")
 

@@ -228,11 +228,9 @@ class MlflowTracker:
         for k, v in tags.items():
             self._retry_until_reachable(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v), "set a tag")
 
-    def log_model(self, model_dir: str | Path) -> str | None:
-        """Log the saved model directory as an MLflow transformers model; register it when configured.
-
-        Returns the registered version, if any.
-        """
+    def log_model(self, model_dir: str | Path, artifact_name: str = "model", alias: str | None = None) -> str | None:
+        """Log a saved model directory as an MLflow transformers model; register it when configured and point
+        `alias` at the new version. Returns the registered version, if any."""
         import mlflow
 
         name = self.config.registered_model_name
@@ -246,7 +244,7 @@ class MlflowTracker:
                 with mlflow.start_run(run_id=self.run_id):
                     return mlflow.transformers.log_model(
                         transformers_model=str(model_dir),
-                        name="model",
+                        name=artifact_name,
                         task="text-generation",
                         registered_model_name=name,
                         # Stated, not inferred: inference imports every optional transformers dependency.
@@ -257,8 +255,7 @@ class MlflowTracker:
 
         info = self._retry_until_reachable(_log, "log the model")
         version = getattr(info, "registered_model_version", None)
-        if name and version is not None and self.config.registered_model_alias:
-            alias = self.config.registered_model_alias
+        if name and version is not None and alias:
             self._retry_until_reachable(
                 lambda: self.client.set_registered_model_alias(name, alias, str(version)), "set the model alias"
             )

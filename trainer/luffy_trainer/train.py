@@ -66,8 +66,10 @@ class TrainResult:
     model_dir: Path
     run_id: str | None
     model_version: str | None = None
+    best_model_version: str | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     validation: EvalResult | None = None
+    validation_history: dict[int, EvalResult] = field(default_factory=dict)  # step -> held-out result
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +133,7 @@ class LuffyTrainer:
         self.status_reporter = None
         self.run_id: str | None = None
         self.synced_version = 0  # the weight version every rollout engine serves
+        self.best: dict[str, float] | None = None  # {"step", "score"} of the best validation so far
 
     # --- setup ----------------------------------------------------------------------------------------------------
 
@@ -182,7 +185,7 @@ class LuffyTrainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
         resumed = self._resume()
         self.start_step = resumed["step"] + 1 if resumed else 1
-        self.synced_version = 0
+        self.best = resumed.get("best") if resumed else None
         self.has_validation = bool(broadcast_object(bool(self.world.is_main and self.val_examples), self.world))
         if self.world.is_main:
             self._setup_rank0(resumed)
@@ -234,15 +237,14 @@ class LuffyTrainer:
     def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Rank 0: draw prompts, generate, grade, build the groups. Returns samples and batch metrics."""
         examples = [self.examples[i] for i in self.sampler.next_batch(self.config.optimization.prompts_per_step)]
-        t0 = time.perf_counter()
+        completions, t_gen = [[] for _ in examples], 0.0
         if self.algorithm.uses_rollouts:
+            t0 = time.perf_counter()
             seed = self.config.optimization.seed * 100_003 + step
             completions = self.engine.generate(
                 [ex.prompt_ids for ex in examples], self.algorithm.n_on_policy, self._rollout_params(), seed=seed
             )
-        else:
-            completions = [[] for _ in examples]
-        t_gen = time.perf_counter() - t0
+            t_gen = time.perf_counter() - t0
         t0 = time.perf_counter()
         rollout_rewards, trace_rewards = self._score(examples, completions)
         t_reward = time.perf_counter() - t0
@@ -327,16 +329,26 @@ class LuffyTrainer:
         return result
 
     def save_checkpoint(self, step: int) -> None:
-        state = {"scheduler": self.scheduler.state_dict(), "rng": rng_state(), "run_id": self.run_id}
+        state = {"scheduler": self.scheduler.state_dict(), "rng": rng_state(), "run_id": self.run_id, "best": self.best}
         if self.world.is_main:
             state["sampler"] = self.sampler.state_dict()
         self.checkpoints.save(step, self.policy, self.optimizer, state)
 
-    def save_final_model(self) -> Path:
-        """Gather the full weights and save an HF model directory (rank 0 writes)."""
+    def track_best(self, step: int, val: EvalResult | None) -> dict[str, float]:
+        """Keep the model of the best mean validation avg@k in `outputDir/best` (collective: every rank calls it)."""
+        score = val.mean[f"avg@{val.k}"] if val is not None else None
+        improved = broadcast_object(score is not None and (self.best is None or score > self.best["score"]), self.world)
+        if improved:
+            self.best = broadcast_object({"step": step, "score": score}, self.world)
+            self.save_model("best")
+            log.info("new best validation score %.4f at step %d", self.best["score"], step)
+        return {"val/best/mean_avg": self.best["score"], "val/best/step": self.best["step"]} if self.best else {}
+
+    def save_model(self, name: str) -> Path:
+        """Gather the full weights and save an HF model directory `outputDir/<name>` (rank 0 writes)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        path = Path(self.config.output_dir) / "final"
+        path = Path(self.config.output_dir) / name
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.world.is_main:
             path.mkdir(parents=True, exist_ok=True)
@@ -345,13 +357,26 @@ class LuffyTrainer:
             self.tokenizer.save_pretrained(path)
         return path
 
+    def _log_models(self, result: TrainResult) -> None:
+        """The final model (alias `registeredModelAlias`) and, when asked, the best one (alias `bestModelAlias`)."""
+        tracking = self.config.tracking
+        if not tracking.log_model:
+            return
+        result.model_version = self.tracker.log_model(result.model_dir, alias=tracking.registered_model_alias)
+        if self.best and tracking.best_model_alias and tracking.registered_model_name:
+            self.tracker.set_tags({"luffy.best_step": str(int(self.best["step"]))})
+            result.best_model_version = self.tracker.log_model(
+                Path(self.config.output_dir) / "best", artifact_name="best_model", alias=tracking.best_model_alias
+            )
+
     def _record(self, step: int, metrics: dict[str, float], progress: Progress) -> None:
         cfg = self.config
         if step % cfg.tracking.log_every_steps == 0 or step == cfg.optimization.total_steps:
             self.tracker.log_metrics(step, metrics)
         if self.status_reporter is not None:
             self.status_reporter.report(step, cfg.optimization.total_steps, metrics.get("reward/mean"))
-        progress.update(step, metrics.get("reward/mean"), metrics.get("throughput/rollout_tokens_per_s"))
+        tokens_per_s = metrics.get("throughput/rollout_tokens_per_s") or metrics.get("throughput/train_tokens_per_s")
+        progress.update(step, metrics.get("reward/mean"), tokens_per_s)
 
     def run(self) -> TrainResult:
         status = "FAILED"
@@ -371,7 +396,9 @@ class LuffyTrainer:
                     val = self.validate(step)
                     if val is not None:
                         metrics.update(val.metrics())
-                        result.validation = val
+                        result.validation = result.validation_history[step] = val
+                    if self.has_validation:
+                        metrics.update(self.track_best(step, val))
                 if self.world.is_main:
                     self._record(step, metrics, progress)
                 if step % cfg.checkpoint.every_steps == 0 or step == total:
@@ -379,11 +406,10 @@ class LuffyTrainer:
                 result.final_step, result.last_metrics = step, metrics
             if progress is not None:
                 progress.close()
-            result.model_dir = self.save_final_model()
+            result.model_dir = self.save_model("final")
             if self.world.is_main:
                 log.info("final model saved to %s", result.model_dir)
-                if cfg.tracking.log_model:
-                    result.model_version = self.tracker.log_model(result.model_dir)
+                self._log_models(result)
             status = "FINISHED"
             return result
         except KeyboardInterrupt:

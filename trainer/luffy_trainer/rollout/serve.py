@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from luffy_trainer.rollout.vllm_engine import on_cpu, prefill_args
+from luffy_trainer.rollout.vllm_engine import fixed_cpu_kv_cache, on_cpu, prefill_args
 from luffy_trainer.rollout.weight_sync import EXTENSION_CLS
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
         pass_through_args(args)
         _check_installation()
         cmd = server_command(args, cpu=on_cpu())
+        fixed_cpu_kv_cache()
     except ServeError as exc:
         print(f"luffy serve-rollout: {exc}", file=sys.stderr)
         return 2

