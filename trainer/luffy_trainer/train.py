@@ -341,7 +341,8 @@ class LuffyTrainer:
         if improved:
             self.best = broadcast_object({"step": step, "score": score}, self.world)
             self.save_model("best")
-            log.info("new best validation score %.4f at step %d", self.best["score"], step)
+            if self.world.is_main:
+                log.info("new best validation score %.4f at step %d", self.best["score"], step)
         return {"val/best/mean_avg": self.best["score"], "val/best/step": self.best["step"]} if self.best else {}
 
     def save_model(self, name: str) -> Path:

@@ -90,6 +90,12 @@ class VLLMEngine:
                 "the in-process vLLM engine (rollout.backend=vllm) runs one worker; for "
                 f"tensor_parallel_size={tensor_parallel_size} use rollout.backend=vllm-server"
             )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # vLLM would build its own distributed state inside the trainer's torchrun process group and wait on it.
+            raise RolloutError(
+                "the in-process vLLM engine (rollout.backend=vllm) cannot run inside a multi-rank torchrun job; "
+                "start rollout servers with `luffy serve-rollout` and use rollout.backend=vllm-server"
+            )
         if os.environ.get(IN_PROCESS_ENV) != "0":
             log.info("setting %s=0: the in-process engine needs its engine core in this process", IN_PROCESS_ENV)
         os.environ[IN_PROCESS_ENV] = "0"
