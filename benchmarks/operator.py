@@ -12,8 +12,11 @@ runs as its own process (`luffy operator --standalone`, default settings) so its
 emulator is in-memory and runs no controllers (the trainer Job is not created, as no rollout becomes ready), so the
 numbers are the operator's own cost plus the emulator's request handling, not a real API server's.
 
-    .venv/bin/python benchmarks/operator_reconcile.py                 # 5 single runs, then 100 at once
-    .venv/bin/python benchmarks/operator_reconcile.py --runs 50 --single 3
+    .venv/bin/python benchmarks/operator.py                 # 5 single runs, then 100 at once
+    .venv/bin/python benchmarks/operator.py --runs 50 --single 3
+
+Run it as a script, as above: the standard library's `operator` is loaded before this file's directory joins
+`sys.path`, so the file name shadows nothing.
 """
 
 from __future__ import annotations
