@@ -54,47 +54,21 @@ def test_two_ranks_match_one_process(runs):
     _assert_same_params(one["params"], two["params"], atol=1e-5)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir):
-    tmp, _, two = runs
+@pytest.mark.parametrize(("written_by", "resumed_on"), [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(runs, tiny_model_dir, written_by, resumed_on):
+    tmp, one, two = runs
+    writer = {1: one, 2: two}[written_by]
     resumed = _run(
         tmp,
-        "two_to_one",
-        1,
-        "--model",
-        tiny_model_dir,
-        "--steps",
-        "2",
-        "--optimizer",
-        "sgd",
-        "--resume-from",
-        str(tmp / "ckpt2" / "step_000001"),
-        "--ckpt-dir",
-        str(tmp / "unused"),
+        f"{written_by}_to_{resumed_on}",
+        resumed_on,
+        *["--model", tiny_model_dir, "--steps", "2", "--optimizer", "sgd"],
+        *["--resume-from", str(tmp / f"ckpt{written_by}" / "step_000001"), "--ckpt-dir", str(tmp / "unused")],
     )
+    assert resumed["world_size"] == resumed_on
     assert list(resumed["metrics"]) == [2]
-    assert resumed["metrics"][2]["loss"] == pytest.approx(two["metrics"][2]["loss"], rel=1e-5)
-    _assert_same_params(two["params"], resumed["params"], atol=1e-5)
-
-
-def test_one_rank_checkpoint_resumes_on_two_ranks(runs, tiny_model_dir):
-    tmp, one, _ = runs
-    resumed = _run(
-        tmp,
-        "one_to_two",
-        2,
-        "--model",
-        tiny_model_dir,
-        "--steps",
-        "2",
-        "--optimizer",
-        "sgd",
-        "--resume-from",
-        str(tmp / "ckpt1" / "step_000001"),
-        "--ckpt-dir",
-        str(tmp / "unused"),
-    )
-    assert resumed["metrics"][2]["loss"] == pytest.approx(one["metrics"][2]["loss"], rel=1e-5)
-    _assert_same_params(one["params"], resumed["params"], atol=1e-5)
+    assert resumed["metrics"][2]["loss"] == pytest.approx(writer["metrics"][2]["loss"], rel=1e-5)
+    _assert_same_params(writer["params"], resumed["params"], atol=1e-5)
 
 
 def test_adamw_two_ranks_match_one_process(tmp_path, tiny_model_dir):
