@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from luffy_trainer.rollout import RolloutEngine, RolloutError, SamplingParams
 from rollout_reference import (
@@ -83,3 +86,19 @@ def test_bad_requests_are_refused_with_the_cause(engine):
     with pytest.raises(RolloutError, match="n must be at least 1"):
         engine.generate([[5]], 0, GREEDY)
     assert engine.weight_version == version
+
+
+def test_a_process_that_imported_flask_gets_the_cause_not_a_bare_context_error(tiny_model_dir):
+    """In a child process: Flask must not reach this test process, where later tests build engines."""
+    script = (
+        "import sys, flask\n"
+        "from luffy_trainer.rollout import RolloutError\n"
+        "from luffy_trainer.rollout.vllm_engine import VLLMEngine\n"
+        "try:\n"
+        "    VLLMEngine(sys.argv[1], dtype='float32', max_model_len=256)\n"
+        "except RolloutError as exc:\n"
+        "    print('REFUSED', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, tiny_model_dir], capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in done.stdout, done.stderr[-3000:]
+    assert "this process imported Flask" in done.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,17 @@ def prefill_args(max_model_len: int | None, cpu: bool) -> dict[str, Any]:
     return args
 
 
+def _flask_hint(exc: Exception) -> str:
+    """vLLM 0.32 scans every module in sys.modules when it starts a worker; Flask's context proxies (imported with
+    `mlflow.server`, for example) raise on that scan, and the bare message does not say so."""
+    if "flask" in sys.modules and "application context" in str(exc):
+        return (
+            " (this process imported Flask, whose context proxies break vLLM's start-up scan of sys.modules: "
+            "build the engine in a process that does not import Flask or mlflow.server)"
+        )
+    return ""
+
+
 class VLLMEngine:
     """A `RolloutEngine` backed by an in-process `vllm.LLM` with luffy's weight-sync worker extension."""
 
@@ -121,7 +133,7 @@ class VLLMEngine:
                 **prefill_args(max_model_len, on_cpu()),
             )
         except Exception as exc:
-            raise RolloutError(f"vLLM could not load {model_path!r}: {exc}") from exc
+            raise RolloutError(f"vLLM could not load {model_path!r}: {exc}{_flask_hint(exc)}") from exc
         from vllm.v1.engine.core_client import InprocClient
 
         if not isinstance(self._llm.llm_engine.engine_core, InprocClient):
