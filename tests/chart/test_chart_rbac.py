@@ -8,18 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes.config.kube_config
 import pytest
-import yaml
 from chart_cases import NAMESPACE, VALID
 from chart_render import find, fullname, one, release_objects
-from kmock_shim import EmulatorServer
 from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.kube import RESOURCES
 from luffy_operator.manifests import RunRef
 from luffyrun_samples import valid_run
-from operator_harness import CRD_PATH, JOBS, RUNS, STATEFULSETS, HttpApi, wait_for
+from operator_harness import JOBS, RUNS, STATEFULSETS, Cluster, HttpApi, InProcessOperator, emulated_cluster, wait_for
 
 Grant = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
@@ -147,22 +144,8 @@ def grant_of(method: str, path: str, params: dict[str, str]) -> tuple[Grant, str
     return (group, f"{resource}/{sub}" if sub else resource, verb), namespace
 
 
-class OperatorRun:
-    """The real operator in a thread (kopf.testing.KopfRunner) against a fresh emulator, with these kopf options."""
-
-    def __init__(self, server: EmulatorServer, options: list[str]) -> None:
-        from kopf.testing import KopfRunner
-
-        self.server = server
-        self.runner = KopfRunner(["run", "--standalone", *options, "-m", "luffy_operator.handlers"], timeout=60)
-
-    def __enter__(self) -> OperatorRun:
-        self.runner.__enter__()
-        wait_for("the operator to watch LuffyRuns", lambda: self.server.call(watching_runs), timeout=30)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.runner.__exit__(*exc)
+class OperatorRun(InProcessOperator):
+    """The real operator in a thread, with the requests it made to the emulator."""
 
     def requests(self) -> list[tuple[str, str, dict[str, str]]]:
         """(method, path, query) of every request the operator made: kopf's and its kubernetes client's, not ours."""
@@ -174,26 +157,15 @@ class OperatorRun:
                 if r.headers.get("User-Agent", "").startswith(("kopf/", "OpenAPI-Generator/"))
             ]
 
-        return self.server.call(collect)
-
-
-def watching_runs(emulator: Any) -> bool:
-    return any(r.method.value == "GET" and "luffyruns" in r.url.path and r.params.get("watch") for r in emulator)
+        return self.cluster.server.call(collect)
 
 
 @pytest.fixture
-def emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EmulatorServer, HttpApi]]:
-    with EmulatorServer() as server:
-        api = HttpApi(server.url)
-        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text()))
-        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
-        kubeconfig = tmp_path / "kubeconfig.yaml"
-        kubeconfig.write_text(yaml.safe_dump(server.kubeconfig()))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        # The operator reads its settings when handlers are first imported; a fast resync if this is first.
-        monkeypatch.setenv("LUFFY_OPERATOR_RESYNC_SECONDS", "0.5")
-        yield server, api
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    # The operator reads its settings when handlers are first imported; a fast resync if this is first.
+    monkeypatch.setenv("LUFFY_OPERATOR_RESYNC_SECONDS", "0.5")
+    with emulated_cluster(tmp_path, monkeypatch) as cluster:
+        yield cluster
 
 
 def drive_a_run(api: HttpApi) -> None:
@@ -222,12 +194,9 @@ def drive_a_run(api: HttpApi) -> None:
 
 
 @pytest.mark.parametrize(("release", "options"), [("luffy", ["-A"]), ("namespaced", ["--namespace", "default"])])
-def test_every_request_of_the_real_operator_is_allowed(
-    emulator: tuple[EmulatorServer, HttpApi], release: str, options: list[str]
-) -> None:
-    server, api = emulator
-    with OperatorRun(server, options) as operator:
-        drive_a_run(api)
+def test_every_request_of_the_real_operator_is_allowed(cluster: Cluster, release: str, options: list[str]) -> None:
+    with OperatorRun(cluster, options, timeout=60) as operator:
+        drive_a_run(cluster.api)
         made = operator.requests()
     # The namespaced release watches team-a/team-b; here the operator watches `default`: its Role rules apply there.
     namespace_rules = namespace_grants(release, "team-a")

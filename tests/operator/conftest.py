@@ -6,11 +6,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import kubernetes.config.kube_config
 import pytest
-import yaml
-from kmock_shim import EmulatorServer
-from operator_harness import CRD_PATH, Cluster, HttpApi, InProcessOperator
+from operator_harness import Cluster, InProcessOperator, emulated_cluster
 
 # The operator reads its settings once, when KopfRunner first imports luffy_operator.handlers: resync fast in tests.
 os.environ.setdefault("LUFFY_OPERATOR_RESYNC_SECONDS", "0.5")
@@ -19,15 +16,8 @@ os.environ.setdefault("LUFFY_OPERATOR_MLFLOW_TIMEOUT_SECONDS", "3")
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    with EmulatorServer() as server:
-        api = HttpApi(server.url)
-        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text()))
-        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
-        kubeconfig = tmp_path / "kubeconfig.yaml"
-        kubeconfig.write_text(yaml.safe_dump(server.kubeconfig()))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        yield Cluster(server, kubeconfig)
+    with emulated_cluster(tmp_path, monkeypatch) as cluster:
+        yield cluster
 
 
 @pytest.fixture

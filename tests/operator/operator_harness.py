@@ -6,12 +6,18 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kmock
+import kubernetes.config.kube_config
+import yaml
 from kmock_shim import EmulatorServer
+
+if TYPE_CHECKING:
+    import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "luffyruns.luffy.dev.yaml"
@@ -99,14 +105,28 @@ class Cluster:
         return [e for e in items if e.get("involvedObject", {}).get("name") == involving]
 
 
+@contextmanager
+def emulated_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A fresh emulator seeded as a cluster; KUBECONFIG and the kubernetes client's default location point at it."""
+    with EmulatorServer() as server:
+        api = HttpApi(server.url)
+        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text()))
+        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        kubeconfig.write_text(yaml.safe_dump(server.kubeconfig()))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        yield Cluster(server, kubeconfig)
+
+
 class InProcessOperator:
     """The real operator (kopf + luffy_operator.handlers) in a background thread, against the emulator."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, options: Sequence[str] = ("-A",), timeout: float = 30) -> None:
         from kopf.testing import KopfRunner
 
         self.cluster = cluster
-        self.runner = KopfRunner(["run", "--standalone", "-A", "-m", "luffy_operator.handlers"], timeout=30)
+        self.runner = KopfRunner(["run", "--standalone", *options, "-m", "luffy_operator.handlers"], timeout=timeout)
 
     def __enter__(self) -> InProcessOperator:
         self.runner.__enter__()
