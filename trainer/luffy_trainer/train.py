@@ -337,9 +337,10 @@ class LuffyTrainer:
     def track_best(self, step: int, val: EvalResult | None) -> dict[str, float]:
         """Keep the model of the best mean validation avg@k in `outputDir/best` (collective: every rank calls it)."""
         score = val.mean[f"avg@{val.k}"] if val is not None else None
-        improved = broadcast_object(score is not None and (self.best is None or score > self.best["score"]), self.world)
-        if improved:
-            self.best = broadcast_object({"step": step, "score": score}, self.world)
+        improved = score is not None and (self.best is None or score > self.best["score"])
+        new_best = broadcast_object({"step": step, "score": score} if improved else None, self.world)
+        if new_best is not None:
+            self.best = new_best
             self.save_model("best")
             if self.world.is_main:
                 log.info("new best validation score %.4f at step %d", self.best["score"], step)
