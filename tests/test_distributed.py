@@ -83,7 +83,8 @@ def test_adamw_two_ranks_match_one_process(tmp_path, tiny_model_dir):
 
 def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
     """The cluster path end to end: 2 torchrun ranks (FSDP2, gloo) train against a real `luffy serve-rollout`,
-    push their sharded weights to it every step, and the server ends up serving exactly the saved final model."""
+    push their sharded weights to it every step, validate, keep the best model, and the server ends up serving exactly
+    the saved final model."""
     import json
     import os
     import urllib.request
@@ -97,12 +98,18 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
     data = write_arithmetic_task(tmp_path / "data", n_base=8, n_train=32, n_other=4, seed=2)
     config = {
         "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": True},
-        "data": {"trainFiles": [str(data / "train.parquet")], "maxPromptLength": 64, "maxResponseLength": 48},
+        "data": {
+            "trainFiles": [str(data / "train.parquet")],
+            "valFiles": [str(data / "val.parquet")],
+            "maxPromptLength": 64,
+            "maxResponseLength": 48,
+        },
         "algorithm": {"nOnPolicy": 3},
         "reward": {"numWorkers": 1},
         "rollout": {"backend": "vllm-server", "maxModelLen": 128},
         "optimization": {"lr": 1e-2, "promptsPerStep": 4, "optimizerStepsPerBatch": 2, "totalSteps": 2},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "everySteps": 1},
+        "validation": {"everySteps": 1, "maxTokens": 16},
         "tracking": {"trackingUri": f"sqlite:///{tmp_path}/mlflow.db", "systemMetrics": False, "logModel": False},
         "outputDir": str(tmp_path / "out"),
     }
@@ -134,6 +141,8 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
         rank0 = "\n".join(line for line in proc.stderr.splitlines() if "rank0" in line or "rank 0" in line)
         assert proc.returncode == 0, rank0[-4000:] or proc.stderr[-4000:]
         assert (tmp_path / "ckpt" / "step_000002").is_dir()
+        # Validation ran on rank 0 and both ranks gathered the first (hence best) model for rank 0 to write.
+        assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
         final = str(tmp_path / "out" / "final")
         prompt = [1, 87, 85, 278, 201, 289, 266, 223, 20]
         request = urllib.request.Request(
