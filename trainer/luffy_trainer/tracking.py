@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 STEP_MARKER = "progress/step"
 FLUSH_INTERVAL_S = 2.0
 METRICS_PER_REQUEST = 900  # MLflow accepts at most 1000 metrics per log_batch
+PARAM_VALUE_MAX_CHARS = 6000  # MLflow's limit on a param value
 
 
 def resolve_tracking_uri(config: TrackingConfig, workdir: str | Path = ".") -> str:
@@ -106,8 +107,9 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, v[:6000]) for k, v in params.items() if k not in existing]
-        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v[:6000])
+        clipped = {k: v[:PARAM_VALUE_MAX_CHARS] for k, v in params.items()}
+        new = [Param(k, v) for k, v in clipped.items() if k not in existing]
+        changed = sorted(k for k, v in clipped.items() if k in existing and existing[k] != v)
         if changed:
             log.warning("config differs from the run's recorded params (kept as recorded): %s", ", ".join(changed))
         for i in range(0, len(new), 90):
