@@ -2,6 +2,9 @@
 
 Every rank builds the same synthetic rollout batches (seeded), trains on its share through the trainer's own
 build_policy / PolicyUpdater / CheckpointManager, and rank 0 writes the step metrics and the full parameters.
+With `--loss-scale-cases`, each case is one group (3 rollouts and a trace) trained for one plain SGD step with every
+sample in a micro-batch of its own, and rank 0 writes the samples with the parameters before and after, for a test to
+compare with the objective written out by hand.
 """
 
 from __future__ import annotations
@@ -41,6 +44,49 @@ def synthetic_batch(step: int, prompts: int, n_on: int, vocab: int):
     return groups
 
 
+def loss_scale_case(args, world, device, mode: str, scale: str) -> dict:
+    """One SGD step (lr 1, no clip) on one group: 4 samples, 2 per rank, each its own micro-batch."""
+    config = parse_config(
+        {
+            "model": {"path": args.model, "dtype": "float32", "gradient_checkpointing": False},
+            "algorithm": {"mode": mode, "n_on_policy": 3, "entropy_coeff": 0.01, "loss_scale": scale},
+            "optimization": {
+                "prompts_per_step": 1,
+                "optimizer_steps_per_batch": 1,
+                "micro_batch_tokens": 1,
+                "grad_clip": None,
+            },
+            "data": {"max_response_length": 32},
+        }
+    )
+    torch.manual_seed(0)
+    tokenizer, policy = build_policy(config, world, device)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    updater = PolicyUpdater(policy, optimizer, scheduler, config, tokenizer.pad_token_id, world, device)
+    rng = random.Random(7)
+    group = GroupInput(
+        prompt_ids=[rng.randrange(3, len(tokenizer)) for _ in range(5)],
+        rollouts=[[rng.randrange(3, len(tokenizer)) for _ in range(n)] + [2] for n in (3, 6, 4)],
+        rollout_rewards=[1.0, 0.0, 0.0],
+        rollout_truncated=[False] * 3,
+        trace_ids=[rng.randrange(3, len(tokenizer)) for _ in range(8)] + [2],
+        trace_reward=1.0,
+    )
+    samples = build_samples([group], config.algorithm)
+    before = {name: t.clone() for name, t in full_parameters(policy, prefix="lm.")}
+    metrics = updater.optimize(samples)
+    after = {name: t.clone() for name, t in full_parameters(policy, prefix="lm.")}
+    return {
+        "samples": [
+            {"prompt": list(s.prompt_ids), "response": list(s.response_ids), "off": s.off_policy} for s in samples
+        ],
+        "metrics": metrics,
+        "before": before,
+        "after": after,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -55,10 +101,18 @@ def main() -> None:
         default="adamw",
         help="sgd: an update linear in the gradient, so ranks can be compared to float precision",
     )
+    parser.add_argument("--loss-scale-cases", nargs="*", default=None, metavar="MODE:SCALE")
     args = parser.parse_args()
 
     world = init_distributed(timeout_s=300)
     device = device_of(world)
+    if args.loss_scale_cases is not None:
+        cases = {c: loss_scale_case(args, world, device, *c.split(":")) for c in args.loss_scale_cases}
+        if world.is_main:
+            torch.save({"cases": cases, "world_size": world.world_size}, args.out)
+        if world.distributed:
+            torch.distributed.destroy_process_group()
+        return
     config = parse_config(
         {
             "model": {"path": args.model, "dtype": "float32", "gradient_checkpointing": True},

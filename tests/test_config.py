@@ -25,6 +25,7 @@ def test_defaults_reproduce_the_released_luffy_main_run():
     assert c.algorithm.clip_eps is None  # loss_remove_clip=True
     assert c.algorithm.normalize_std is False  # grpo_use_std=False
     assert c.algorithm.aggregation == "token-sum"
+    assert c.algorithm.loss_scale == "invariant"  # layout-free; `released` is the paper's exact scaling
     assert c.norm_length == 8192  # token-sum / max_response_length
     assert c.algorithm.entropy_coeff == 0.001
     assert c.data.max_prompt_length == 1024 and c.data.max_response_length == 8192
@@ -69,6 +70,9 @@ def test_cross_field_rules():
     assert "n_off_policy must be at least 1" in _error({"algorithm": {"mode": "luffy", "n_off_policy": 0}})
     assert "divisible" in _error({"optimization": {"prompts_per_step": 5, "optimizer_steps_per_batch": 2}})
     assert "must not exceed" in _error({"algorithm": {"off_policy_min_clip": 0.9, "off_policy_max_clip": 0.5}})
+    msg = _error({"algorithm": {"lossScale": "released", "aggregation": "token-mean"}})
+    assert "algorithm" in msg and "loss_scale 'released' scales the token-sum aggregation" in msg
+    assert "algorithm.loss_scale" in _error({"algorithm": {"loss_scale": "paper"}})
     # grpo does not use traces, so zero off-policy samples is fine there
     assert parse_config({"algorithm": {"mode": "grpo", "n_off_policy": 0}}).group_size == 7
 

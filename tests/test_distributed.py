@@ -95,7 +95,7 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
     from rollout_reference import hf_greedy
     from servers import free_port
 
-    data = write_arithmetic_task(tmp_path / "data", n_base=8, n_train=32, n_other=4, seed=2)
+    data = write_arithmetic_task(tmp_path / "data", n_base=8, n_train=32, seed=2, val_per_total=1)
     config = {
         "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": True},
         "data": {
@@ -158,3 +158,60 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
         assert served != hf_greedy(tiny_model_dir, prompt, max_tokens=12)  # the weights really moved
     finally:
         server.stop()
+
+
+def _objective_by_hand(
+    model_dir: str, samples: list[dict], mode: str, scale: str, ranks: int
+) -> dict[str, torch.Tensor]:
+    """The mini-batch objective of one group, written out from the formulas, and its gradient by autograd.
+
+    Group: rewards 1, 0, 0 for the rollouts and 1 for the trace. `luffy` centres all four (A = 1/2, -1/2, -1/2, 1/2)
+    and shapes the trace's tokens with f(p) = p / (p + 0.1); `rl_sft_loss` centres the rollouts only
+    (A = 2/3, -1/3, -1/3) and adds the trace's NLL. L = 32 (maxResponseLength), entropy coefficient 0.01.
+    released:  (1/W) * [sum_i sum_t l_it / L  -  0.01 * sum_i mean_t H_it  +  sum_trace mean_t NLL_t]
+    invariant:          sum_i sum_t l_it / L  -  0.01 * (sum_it H_it / sum_i T_i)  +  sum_t NLL_t / T_trace
+    (each sample is a micro-batch of its own, so a micro-batch mean is a per-sample mean).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    advantages = [0.5, -0.5, -0.5, 0.5] if mode == "luffy" else [2 / 3, -1 / 3, -1 / 3, 0.0]
+    pg = entropy_means = nll_means = entropy_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for sample, advantage in zip(samples, advantages, strict=True):
+        ids = torch.tensor([sample["prompt"] + sample["response"]])
+        logits = model(input_ids=ids).logits[0, len(sample["prompt"]) - 1 : -1].double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        logp = log_probs.gather(-1, torch.tensor(sample["response"])[:, None])[:, 0]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        entropy_means = entropy_means + entropy.mean()
+        entropy_sum, tokens = entropy_sum + entropy.sum(), tokens + len(sample["response"])
+        if sample["off"] and mode == "rl_sft_loss":
+            nll_means = nll_means - logp.mean()
+        elif sample["off"]:
+            p = logp.exp()
+            pg = pg - (advantage * p / (p + 0.1)).sum()
+        else:
+            pg = pg - (advantage * torch.exp(logp - logp.detach())).sum()
+    if scale == "released":
+        objective = (pg / 32 - 0.01 * entropy_means + nll_means) / ranks
+    else:
+        objective = pg / 32 - 0.01 * entropy_sum / tokens + nll_means
+    objective.backward()
+    return {"loss": objective.detach(), **{name: p.grad.float() for name, p in model.named_parameters()}}
+
+
+def test_released_loss_scale_equals_its_formula_on_two_ranks(tmp_path, tiny_model_dir):
+    """2 ranks x 2 micro-batches, one SGD step of lr 1: the update is minus the gradient of the objective."""
+    cases = ["luffy:released", "rl_sft_loss:released", "luffy:invariant"]
+    result = _run(tmp_path, "scales", 2, "--model", tiny_model_dir, "--loss-scale-cases", *cases)
+    assert result["world_size"] == 2
+    for case in cases:
+        mode, scale = case.split(":")
+        run = result["cases"][case]
+        expected = _objective_by_hand(tiny_model_dir, run["samples"], mode, scale, ranks=2)
+        assert run["metrics"]["loss"] == pytest.approx(float(expected.pop("loss")), abs=1e-6), case
+        for name, grad in expected.items():
+            torch.testing.assert_close(run["before"][name] - run["after"][name], grad, atol=1e-6, rtol=0, msg=case)
+        assert max(float(g.abs().max()) for g in expected.values()) > 1e-3  # the comparison is not vacuous

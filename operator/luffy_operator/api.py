@@ -385,6 +385,10 @@ class LuffyRunSpec(Section):
         shared = self.checkpoint.size is None or self.checkpoint.access_mode == "ReadWriteMany"
         if self.trainer.nodes > 1 and not shared:
             raise ValueError("spec.checkpoint.accessMode must be ReadWriteMany when spec.trainer.nodes > 1")
+        if not self.uses_rollouts and self.data.val_files:
+            raise ValueError(
+                "spec.data.valFiles: mode sft starts no rollout servers to validate with; evaluate with luffy eval"
+            )
         gpu = self.scheduling.gpu_resource_name
         for component, count in (("trainer", "gpusPerNode"), ("rollout", "gpusPerReplica")):
             if gpu in getattr(self, component).resources.limits | getattr(self, component).resources.requests:

@@ -79,6 +79,11 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
         ),
         _no_gpu_in_resources("trainer", "gpusPerNode"),
         _no_gpu_in_resources("rollout", "gpusPerReplica"),
+        _rule(
+            "!has(self.algorithm) || !has(self.algorithm.mode) || self.algorithm.mode != 'sft' "
+            "|| !has(self.data.valFiles) || size(self.data.valFiles) == 0",
+            "spec.data.valFiles: mode sft starts no rollout servers to validate with; evaluate with luffy eval",
+        ),
     ],
     ("spec", "algorithm"): [
         _rule(
@@ -93,6 +98,11 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "!has(self.offPolicyMaxClip) || !has(self.offPolicyMinClip) "
             "|| self.offPolicyMinClip <= self.offPolicyMaxClip",
             "spec.algorithm.offPolicyMinClip must not exceed offPolicyMaxClip",
+        ),
+        _rule(
+            "!has(self.lossScale) || self.lossScale != 'released' || !has(self.aggregation) "
+            "|| self.aggregation == 'token-sum'",
+            "spec.algorithm.lossScale 'released' scales the token-sum aggregation only",
         ),
     ],
     ("spec", "optimization"): [

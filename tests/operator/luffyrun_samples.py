@@ -66,6 +66,19 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
         "spec.optimization.promptsPerStep",
     ),
     ("negative-lr", _set("spec.optimization.lr", -1.0), "spec.optimization.lr"),
+    (
+        "released-scale-of-token-mean",
+        _set("spec.algorithm", {"lossScale": "released", "aggregation": "token-mean"}),
+        "spec.algorithm.lossScale",
+    ),
+    (
+        "sft-with-validation",
+        lambda obj: (
+            _set("spec.algorithm", {"mode": "sft", "nOnPolicy": 0})(obj),
+            _set("spec.data.valFiles", ["/workspace/data/val.parquet"])(obj),
+        ),
+        "spec.data.valFiles",
+    ),
     ("zero-rollout-replicas", _set("spec.rollout.replicas", 0), "spec.rollout.replicas"),
     (
         "tensor-parallel-over-gpus",

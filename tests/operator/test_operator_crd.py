@@ -14,7 +14,7 @@ from luffy_operator.crd import render
 from luffyrun_samples import INVALID_CASES, invalid_run, names_field, valid_run
 from operator_harness import CRD_PATH, REPO
 
-EXAMPLES = ["luffyrun-tiny-cpu.yaml", "luffyrun-qwen2.5-math-7b.yaml"]
+EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("luffyrun-*.yaml"))
 
 
 @pytest.fixture(scope="module")

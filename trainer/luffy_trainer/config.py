@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel, to_snake
 
 AlgorithmMode = Literal["luffy", "grpo", "sft", "rl_sft_loss"]
 Aggregation = Literal["token-sum", "token-mean", "seq-mean-token-mean"]
+LossScale = Literal["invariant", "released"]
 DataFormat = Literal["luffy", "flat"]
 OverlongPolicy = Literal["drop", "error"]
 RolloutBackend = Literal["vllm", "vllm-server", "hf"]
@@ -119,6 +120,15 @@ class AlgorithmConfig(Section):
     norm_length: PositiveInt | None = Field(
         None, description="Divisor of `token-sum`; null means data.maxResponseLength (the released constant)."
     )
+    loss_scale: LossScale = Field(
+        "invariant",
+        description=(
+            "`invariant`: every term is normalised by totals over the whole mini-batch, so the update does not depend "
+            "on the number of ranks or micro-batches; `released`: the released LUFFY code's scaling (per rank, the "
+            "policy-gradient token sum / normLength and the entropy and NLL token means of each micro-batch summed "
+            "over micro-batches; ranks averaged), to reproduce the paper's run exactly."
+        ),
+    )
     entropy_coeff: NonNegativeFloat = Field(0.001, description="Weight of the entropy bonus (0 disables it).")
     off_policy_max_clip: Annotated[float, Field(gt=0.0)] | None = Field(
         None, description="Upper clamp of the shaped off-policy weight f(p); null disables."
@@ -140,6 +150,8 @@ class AlgorithmConfig(Section):
             and self.off_policy_min_clip > self.off_policy_max_clip
         ):
             raise ValueError("off_policy_min_clip must not exceed off_policy_max_clip")
+        if self.loss_scale == "released" and self.aggregation != "token-sum":
+            raise ValueError(f"loss_scale 'released' scales the token-sum aggregation, not {self.aggregation!r}")
         return self
 
     @property

@@ -1,11 +1,17 @@
 """The per-mode training loss of one micro-batch, scaled so that micro-batches add up to the mini-batch objective.
 
-Gradient accumulation sums micro-batch losses, so each term is normalised by mini-batch totals (token or sequence
-counts over the whole mini-batch, across ranks) rather than by the micro-batch's own counts: the objective, and so
-the update, does not depend on how a mini-batch is cut into micro-batches or ranks.
+Gradient accumulation sums micro-batch losses and FSDP averages gradients over ranks (the caller multiplies each
+rank's loss by the world size to undo the average). What each micro-batch contributes depends on
+`algorithm.lossScale`:
 
-The entropy bonus is the token mean over all response tokens of the mini-batch. (The released code takes the token
-mean per micro-batch and sums over micro-batches, which makes the bonus depend on the micro-batch count.)
+- `invariant` (default): every term is normalised by mini-batch totals (token or sequence counts over the whole
+  mini-batch, across ranks), so the objective, and so the update, does not depend on how a mini-batch is cut into
+  micro-batches or ranks. The entropy bonus is the token mean over all response tokens of the mini-batch.
+- `released`: the scaling of the released LUFFY code. Each rank's loss is the sum over its micro-batches of the
+  policy-gradient token sum / normLength and of each micro-batch's own token means of the entropy and of the NLL;
+  the objective is the mean of the ranks' losses. Against `invariant` at W ranks, the policy-gradient term is 1/W as
+  large, and the entropy and NLL terms are (1/W) x the sum over micro-batches of their micro-batch means instead of
+  one mean over the mini-batch (equal when W = 1 and the mini-batch is one micro-batch).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from luffy_trainer.algorithm import policy_loss
+from luffy_trainer.algorithm import masked_mean, policy_loss
 from luffy_trainer.config import AlgorithmConfig
 from luffy_trainer.groups import TensorBatch
 
@@ -46,10 +52,14 @@ def micro_batch_loss(
     algorithm: AlgorithmConfig,
     norm_length: int,
     totals: MiniBatchTotals,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch (to be summed over the mini-batch) and its additive metric parts."""
-    zero = logprobs.sum() * 0.0
-    loss = zero
+    """This rank's share of one micro-batch in the mini-batch objective (summed over micro-batches and ranks) and its
+    metrics: the policy-gradient parts and `loss` add up to the objective; `entropy` and `nll_loss` are parts of the
+    mini-batch's token means, whatever the scaling."""
+    released = algorithm.loss_scale == "released"
+    rank_share = 1.0 / world_size if released else 1.0
+    loss = logprobs.sum() * 0.0
     metrics: dict[str, torch.Tensor] = {}
     if totals.pg_tokens:
         aggregation = algorithm.aggregation
@@ -69,20 +79,28 @@ def micro_batch_loss(
             off_policy_max_clip=algorithm.off_policy_max_clip,
             off_policy_min_clip=algorithm.off_policy_min_clip,
         )
+        share = rank_share
         if aggregation == "seq-mean-token-mean":
             share = int(batch.response_mask.any(dim=-1).sum()) / totals.pg_sequences
-            pg = pg * share
-            parts = {k: v * share if k.endswith("_loss") else v for k, v in parts.items()}
-        loss = loss + pg
-        metrics.update(parts)
+        loss = loss + pg * share
+        metrics.update({k: v * share if k.endswith("_loss") else v for k, v in parts.items()})
+    if "off_policy_prob_mean" not in metrics and bool(batch.off_policy_mask.any()):
+        # Traces outside the policy-gradient term (sft, rl_sft_loss): their token probability is still the curve the
+        # paper compares (how fast the policy absorbs the traces).
+        trace = batch.off_policy_mask & batch.token_mask
+        metrics["off_policy_prob_mean"] = masked_mean(logprobs.detach().exp(), trace.to(logprobs.device))
+        metrics["off_policy_tokens"] = trace.sum().to(logprobs.dtype)
     if totals.nll_tokens:
-        nll = -(logprobs * batch.nll_mask).sum() / totals.nll_tokens
-        metrics["nll_loss"] = nll.detach()
-        loss = loss + (algorithm.sft_loss_coef if algorithm.mode == "rl_sft_loss" else 1.0) * nll
+        nll_sum = -(logprobs * batch.nll_mask).sum()
+        metrics["nll_loss"] = nll_sum.detach() / totals.nll_tokens
+        divisor = int(batch.nll_mask.sum()) / rank_share if released else totals.nll_tokens
+        if divisor:
+            loss = loss + (algorithm.sft_loss_coef if algorithm.mode == "rl_sft_loss" else 1.0) * nll_sum / divisor
     if entropy is not None and totals.response_tokens:
-        mean_entropy = (entropy * batch.token_mask).sum() / totals.response_tokens
-        metrics["entropy"] = mean_entropy.detach()
-        if algorithm.entropy_coeff and algorithm.mode != "sft":
-            loss = loss - algorithm.entropy_coeff * mean_entropy
+        entropy_sum = (entropy * batch.token_mask).sum()
+        metrics["entropy"] = entropy_sum.detach() / totals.response_tokens
+        divisor = int(batch.token_mask.sum()) / rank_share if released else totals.response_tokens
+        if divisor and algorithm.entropy_coeff and algorithm.mode != "sft":
+            loss = loss - algorithm.entropy_coeff * entropy_sum / divisor
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -1,7 +1,8 @@
 """The policy being trained and its update: mini-batches, micro-batches, ranks, one optimizer step per mini-batch.
 
-The objective of a mini-batch is the same whatever the number of ranks and micro-batches: every term is normalised
-by mini-batch totals summed over ranks (loss.py), and each rank's loss is multiplied by the world size because FSDP
+By default the objective of a mini-batch is the same whatever the number of ranks and micro-batches: every term is
+normalised by mini-batch totals summed over ranks (loss.py); `algorithm.lossScale: released` scales the terms as the
+released LUFFY code does instead. Each rank's share of the objective is multiplied by the world size because FSDP
 averages gradients over ranks.
 """
 
@@ -176,6 +177,7 @@ class PolicyUpdater:
                     self.config.algorithm,
                     self.config.norm_length,
                     totals,
+                    self.world.world_size,
                 )
                 (loss * self.world.world_size).backward()
                 acc.add(metrics)
