@@ -112,7 +112,7 @@ def test_eval_on_hf_writes_results_and_logs_them_to_mlflow(tiny_model_dir, mlflo
     assert any(0 < v["avg@4"] < 1 for v in expected.values())  # mixed grades: the arithmetic is really exercised
 
     results = json.loads((out / "results.json").read_text())
-    assert results["samples"] == 4 and results["system_prompt"] == "removed"
+    assert results["samples"] == {"math": 4, "arc_c": 4} and results["system_prompt"] == "removed"
     assert results["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, "seed": 47}
     assert list(results["benchmarks"]) == ["arc_c", "math"]
     for source, scores in expected.items():
@@ -131,7 +131,7 @@ def test_eval_on_hf_writes_results_and_logs_them_to_mlflow(tiny_model_dir, mlflo
     run = client.get_run(run_id_from(stdout))
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-eval"
     assert client.get_experiment(run.info.experiment_id).name == "eval-test"
-    assert run.data.params["eval.samples"] == "4" and run.data.params["eval.model"] == tiny_model_dir
+    assert run.data.params["eval.samples"] == '{"arc_c": 4, "math": 4}' and run.data.params["eval.model"] == tiny_model_dir
     for source, scores in expected.items():
         for key, value in scores.items():
             assert run.data.metrics[f"eval/{source}/{key.replace('@', '_at_')}"] == pytest.approx(value)
@@ -239,7 +239,9 @@ def test_eval_rejects_bad_input_with_a_clear_message(tiny_model_dir, mlflow_serv
         (["--benchmark", flat], r"column 'prompt' \(data\.luffy_columns\.prompt = 'prompt'\) not found"),
         (["--benchmark", flat, "--format", "flat", "--answer-column", "solution"], r"column 'solution'"),
         (["--benchmark", flat, "--format", "flat", "--data-source", "a", "--data-source", "b"], "once per --benchmark"),
-        (["--benchmark", luffy_rows, "--samples", "2", "--pass-at", "4"], "--pass-at 4 exceeds --samples 2"),
+        (["--benchmark", luffy_rows, "--samples", "2", "--pass-at", "4"], "--pass-at 4 exceeds every --samples count"),
+        (["--benchmark", luffy_rows, "--samples", "math=0"], "--samples math=0: expected K or BENCHMARK=K"),
+        (["--benchmark", luffy_rows, "--samples", "aime=32"], r"--samples aime=32: no benchmark 'aime'"),
         (["--benchmark", luffy_rows, "--grader", "nope"], "--grader nope: unknown reward 'nope'"),
         (
             ["--benchmark", luffy_rows, "--grader", "gsm8k=math_verify"],
@@ -285,3 +287,60 @@ def test_system_messages_are_dropped_and_repeated_problems_counted(tiny_model_di
         example("math", "p1", "1"),
     ]
     assert distinct_problems(rows) == {"aime": 2, "math": 1}
+
+
+def test_a_recipe_file_runs_per_benchmark_sample_counts(tiny_model_dir, tmp_path, capsys):
+    """The paper's protocol shape on the sample file: distinct problems, 3 samples for one benchmark and 1 for the
+    other, each benchmark's accuracy at its own k and their unweighted mean."""
+    rows = read_jsonl(EXAMPLES / "luffy_format_sample.jsonl")
+    repeated = write_jsonl(tmp_path / "repeated.jsonl", rows + rows[:2])  # two math rows twice, as LUFFY's file has
+    recipe = tmp_path / "recipe.args"
+    recipe.write_text(
+        f"# a recipe: flags, comments, several per line\n--benchmark {repeated}\n--distinct\n"
+        "--samples 1 --samples math=3  # math at avg@3\n--temperature 1.0 --max-tokens 16\n--grader boxed_math\n"
+    )
+    out = tmp_path / "out"
+    argv = ["eval", "--model", tiny_model_dir, "--backend", "hf", "--dtype", "float32", f"@{recipe}"]
+    assert luffy([*argv, "--output", str(out)]) == 0
+    samples = read_jsonl(out / "generations.jsonl")
+    per_problem = {}
+    for s in samples:
+        per_problem.setdefault((s["benchmark"], s["index"]), []).append(s["reward"] > 0.5)
+        assert s["grader"] == "boxed_math"
+    assert sorted((b, i, len(v)) for (b, i), v in per_problem.items()) == [
+        ("arc_c", 0, 1),
+        ("arc_c", 1, 1),
+        ("math", 0, 3),
+        ("math", 1, 3),
+        ("math", 2, 3),
+    ]
+    results = json.loads((out / "results.json").read_text())
+    assert results["samples"] == {"arc_c": 1, "math": 3}
+    accuracy = {
+        source: sum(sum(v) / len(v) for (b, _), v in per_problem.items() if b == source) / n
+        for source, n in (("arc_c", 2), ("math", 3))
+    }
+    for source, value in accuracy.items():
+        got = results["benchmarks"][source]
+        assert got["accuracy"] == pytest.approx(value) and got["samples"] == {"arc_c": 1, "math": 3}[source]
+        assert got["problems"] == got["distinct_problems"]
+    assert results["benchmarks"]["math"]["avg@3"] == pytest.approx(accuracy["math"])
+    assert results["average"]["accuracy"] == pytest.approx((accuracy["arc_c"] + accuracy["math"]) / 2)
+    assert "avg@3" not in results["average"]  # a score only some benchmarks have is not averaged
+    assert "samples per problem: arc_c 1, math 3" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "samples", "grader"),
+    [
+        ("eval-paper-math.args", ["1", "aime=32", "aime25=32", "amc=32"], ["boxed_math"]),
+        ("eval-paper-ood.args", ["1"], ["multiple_choice_boxed"]),
+    ],
+)
+def test_the_paper_recipes_hold_the_paper_protocol(recipe, samples, grader):
+    from luffy_trainer.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--model", "m", f"@{EXAMPLES.parent / recipe}"])
+    assert (args.temperature, args.top_p, args.max_tokens) == (0.6, 1.0, 8192)
+    assert (args.samples, args.grader, args.keep_system_prompt) == (samples, grader, False)
+    assert all(path.startswith("/data/luffy/valid.") for path in args.benchmark)

@@ -15,6 +15,7 @@ from luffy_trainer.evaluation import EvalResult, choose_graders, evaluate, pass_
 from luffy_trainer.rewards import (
     RewardPool,
     chosen_option,
+    multiple_choice_boxed_reward,
     multiple_choice_reward,
     option_label,
     register_reward,
@@ -63,6 +64,30 @@ from luffy_trainer.rollout.base import Completion, SamplingParams
 )
 def test_multiple_choice_reward(response, ground_truth, expected):
     assert multiple_choice_reward(response, ground_truth) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "ground_truth", "expected"),
+    [
+        ("t</think>\\boxed{C}", "C", 1.0),
+        ("t</think>\\boxed{(C)}", "C", 1.0),
+        ("t</think>$\\boxed{\\text{C}}$", "C", 1.0),
+        ("t</think>\\boxed {  J  }", "J", 1.0),  # MMLU-Pro: ten options, A-J
+        ("t</think>\\boxed{3}", "3", 1.0),  # ARC-c: numbered options
+        ("t</think>\\boxed{\\textbf{(3)}}", "3", 1.0),
+        ("t</think>\\boxed{B} on reflection \\boxed{D}", "D", 1.0),
+        # no box, no choice: GPQA's requested "ANSWER: X" line and answer phrases do not count
+        ("t</think>\nANSWER: C", "C", 0.0),
+        ("t</think>\nThe answer is (C).", "C", 0.0),
+        ("t</think>\n**Answer:** C", "C", 0.0),
+        # the released think split
+        ("t</think>\\boxed{C}</think>\\boxed{A}", "C", 1.0),
+        ("\\boxed{C}</think> on second thought </think> \\boxed{C}", "C", 0.0),
+        ("no closing tag \\boxed{C}", "C", 0.0),
+    ],
+)
+def test_multiple_choice_boxed_reward(response, ground_truth, expected):
+    assert multiple_choice_boxed_reward(response, ground_truth) == expected
 
 
 def test_multiple_choice_reward_rejects_an_answer_that_is_no_option_label():
@@ -181,7 +206,7 @@ def test_pool_grades_each_sample_with_its_own_reward():
     responses = ["</think> \\boxed{4}", "</think> ANSWER: B", "</think> ANSWER: B"]
     truths = ["4", "B", "B"]
     with RewardPool("math_verify", num_workers=1, timeout_s=30.0) as pool:
-        assert pool.reward_names == ["math_verify", "multiple_choice"]
+        assert pool.reward_names == ["math_verify", "multiple_choice", "multiple_choice_boxed", "boxed_math"]
         # math_verify finds no answer in GPQA's "ANSWER: B" line; the choice grader does
         assert pool.score(responses, truths, ["math_verify", "multiple_choice", "math_verify"]) == [1.0, 1.0, 0.0]
         assert pool.score(responses, truths) == [1.0, 0.0, 0.0]  # default: the pool's own reward

@@ -8,7 +8,14 @@ import threading
 import time
 
 import pytest
-from luffy_trainer.rewards import RewardError, RewardPool, get_reward, math_verify_reward, register_reward
+from luffy_trainer.rewards import (
+    RewardError,
+    RewardPool,
+    boxed_math_reward,
+    get_reward,
+    math_verify_reward,
+    register_reward,
+)
 
 
 @register_reward("test_length_or_hang")
@@ -46,7 +53,10 @@ def dies_on_exit(response: str, ground_truth: str) -> float:
         ("no closing tag, answer \\boxed{4}", "4", 0.0),
         ("draft \\boxed{5}</think> final \\boxed{4}", "4", 1.0),  # text before </think> is ignored
         ("draft \\boxed{4}</think> final \\boxed{5}", "4", 0.0),
-        ("a</think>b</think>\\boxed{4}", "4", 1.0),  # split at the first </think>
+        # the released think split: only the text between the first and the second </think> is graded
+        ("a</think>b</think>\\boxed{4}", "4", 0.0),
+        ("a</think> \\boxed{4} </think> \\boxed{5}", "4", 1.0),
+        ("a</think> \\boxed{5} </think> \\boxed{4} </think> \\boxed{4}", "4", 0.0),
         ("</think>\\frac{{{{", "4", 0.0),
         ("</think>\\boxed{4}", "\\frac{", 0.0),
         ("</think>\\boxed{4}", "", 0.0),
@@ -54,6 +64,33 @@ def dies_on_exit(response: str, ground_truth: str) -> float:
 )
 def test_math_verify_reward(response, ground_truth, expected):
     assert math_verify_reward(response, ground_truth) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "ground_truth", "expected"),
+    [
+        # no </think>: the whole response is graded (the training reward gives 0 here)
+        ("The sum is \\boxed{4}.", "4", 1.0),
+        ("I think \\boxed{3}, no: \\boxed{4}", "4", 1.0),  # the last box counts
+        ("\\boxed{4} is wrong, it is \\boxed{5}", "4", 0.0),
+        ("The sum is 4.", "4", 0.0),  # no box, no answer
+        # with </think>: the released split, as for training
+        ("draft \\boxed{4}</think> final \\boxed{5}", "4", 0.0),
+        ("draft \\boxed{5}</think> final \\boxed{4} </think> \\boxed{5}", "4", 1.0),
+        ("x</think> no box here </think> \\boxed{4}", "4", 0.0),
+        # nested and spaced boxes, spellings of one value
+        ("</think> \\boxed {\\frac{1}{\\sqrt{2}}}", "\\frac{\\sqrt{2}}{2}", 1.0),
+        ("</think> \\boxed{ \\dfrac{3}{4} }", "\\frac{3}{4}", 1.0),
+        ("</think> \\boxed{\\text{(B)}}", "(B)", 1.0),
+        ("</think> \\boxed{90^\\circ}", "90", 1.0),
+        ("</think> \\boxed{\\left( 1, 2 \\right)}", "(1,2)", 1.0),
+        ("</think> \\boxed{x^{2}+1}", "x^2 + 1", 1.0),
+        ("</think> \\boxed{x^{2}+2}", "x^2 + 1", 0.0),
+        ("</think> \\boxed{4", "4", 0.0),  # an unclosed box is no answer
+    ],
+)
+def test_boxed_math_reward(response, ground_truth, expected):
+    assert boxed_math_reward(response, ground_truth) == expected
 
 
 def test_math_verify_reward_outside_the_main_thread():
@@ -107,7 +144,9 @@ def test_pool_kills_a_stuck_worker_and_keeps_going(caplog):
         assert pool.score(["xyz", "hang"], ["", ""]) == [3.0, 0.0]  # replaced workers grade again
         assert pool.timeouts == [1]
     records = [r for r in caplog.records if "exceeded" in r.getMessage()]
-    assert [r.args[1] for r in records] == [1, 3, 1]
+    # Two bounds that expire within one wait are logged in worker order, so only the first call's set is fixed.
+    assert sorted(r.args[1] for r in records[:2]) == [1, 3]
+    assert [r.args[1] for r in records[2:]] == [1]
     for record in records:  # each stuck worker was killed and reaped
         with pytest.raises(ProcessLookupError):
             os.kill(record.args[3], 0)

@@ -86,7 +86,7 @@ def eval_config(args: argparse.Namespace) -> TrainConfig:
             },
             "reward": {"name": DEFAULT_GRADER, "timeout_s": args.grade_timeout, "num_workers": args.grader_workers},
             "validation": {
-                "samples_per_prompt": args.samples,
+                "samples_per_prompt": parse_samples(args.samples, [])[0],
                 "temperature": args.temperature,
                 "top_p": args.top_p,
                 "max_tokens": args.max_tokens,
@@ -105,9 +105,15 @@ def eval_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_benchmarks(
-    files: list[str], data_sources: list[str], data: DataConfig, tokenizer: Any, limit: int | None
+    files: list[str],
+    data_sources: list[str],
+    data: DataConfig,
+    tokenizer: Any,
+    limit: int | None,
+    distinct: bool = False,
 ) -> list[Any]:
-    """Every file's problems in order, with `--data-source` names applied and at most `limit` per benchmark."""
+    """Every file's problems in order, with `--data-source` names applied, repeated rows dropped with `distinct`, and
+    at most `limit` per benchmark."""
     from luffy_trainer.data import load_examples
 
     if data_sources and len(data_sources) != len(files):
@@ -115,7 +121,7 @@ def load_benchmarks(
             f"--data-source was given {len(data_sources)} times for {len(files)} --benchmark files; "
             "give it once per --benchmark, in the same order, or not at all"
         )
-    examples, taken = [], Counter()
+    examples, taken, seen = [], Counter(), set()
     for i, file in enumerate(files):
         try:
             loaded = load_examples([file], data, tokenizer, require_traces=False).examples
@@ -125,6 +131,10 @@ def load_benchmarks(
         for ex in loaded:
             if data_sources:
                 ex.data_source = data_sources[i]
+            problem = (ex.data_source, ex.prompt_text, ex.ground_truth)
+            if distinct and problem in seen:
+                continue
+            seen.add(problem)
             if limit is None or taken[ex.data_source] < limit:
                 taken[ex.data_source] += 1
                 examples.append(ex)
@@ -138,6 +148,27 @@ def distinct_problems(examples: list[Any]) -> dict[str, int]:
     for ex in examples:
         seen[ex.data_source].add((ex.prompt_text, ex.ground_truth))
     return {source: len(pairs) for source, pairs in seen.items()}
+
+
+def parse_samples(items: list[str], sources: list[str]) -> tuple[int, dict[str, int]]:
+    """`--samples K` (every benchmark) and `--samples BENCHMARK=K`: the default k (1 unless given) and the overrides.
+    With `sources` empty, benchmark names are not checked yet (they are known once the files are read)."""
+    default, per_source = 1, {}
+    for item in items:
+        source, sep, raw = item.rpartition("=")
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"--samples {item}: expected K or BENCHMARK=K with K a positive integer")
+        if sep and sources and source not in sources:
+            raise ConfigError(f"--samples {item}: no benchmark {source!r}; benchmarks: {', '.join(sources)}")
+        if sep:
+            per_source[source] = value
+        else:
+            default = value
+    return default, per_source
 
 
 def parse_graders(items: list[str], sources: list[str]) -> dict[str, str]:
@@ -168,7 +199,7 @@ def results_document(
         "format": args.format,
         "system_prompt": "kept" if args.keep_system_prompt else "removed",
         "backend": args.backend,
-        "samples": result.k,
+        "samples": result.samples_per_source or result.k,
         "sampling": {
             "temperature": args.temperature,
             "top_p": args.top_p,
@@ -179,6 +210,7 @@ def results_document(
             source: {
                 **scores,
                 "problems": int(scores["problems"]),
+                "samples": result.samples_per_source.get(source, result.k),
                 "distinct_problems": distinct[source],
                 "graders": result.graders[source],
             }
@@ -189,10 +221,18 @@ def results_document(
     }
 
 
+def samples_text(result: EvalResult) -> str:
+    """ "4 sample(s) per problem", or per benchmark when they differ."""
+    counts = set(result.samples_per_source.values()) or {result.k}
+    if len(counts) == 1:
+        return f"{counts.pop()} sample(s) per problem"
+    return "samples per problem: " + ", ".join(f"{s} {k}" for s, k in result.samples_per_source.items())
+
+
 def markdown_document(result: EvalResult, args: argparse.Namespace, created: str) -> str:
     return (
         f"# Evaluation of `{args.model}`\n\n"
-        f"{created}: {result.k} sample(s) per problem, temperature {args.temperature}, top-p {args.top_p}, "
+        f"{created}: {samples_text(result)}, temperature {args.temperature}, top-p {args.top_p}, "
         f"at most {args.max_tokens} tokens, backend {args.backend}, system prompt "
         f"{'kept' if args.keep_system_prompt else 'removed'}. Scores in percent; the average is the unweighted "
         "mean over benchmarks.\n\n" + result.markdown()
@@ -244,7 +284,9 @@ def log_to_mlflow(tracking: EvalTracking, args: argparse.Namespace, result: Eval
     params = {
         "eval.model": args.model,
         "eval.benchmark_files": ",".join(args.benchmark),
-        "eval.samples": str(result.k),
+        "eval.samples": json.dumps(result.samples_per_source, sort_keys=True)
+        if result.samples_per_source
+        else str(result.k),
         "eval.temperature": str(args.temperature),
         "eval.top_p": str(args.top_p),
         "eval.max_tokens": str(args.max_tokens),
@@ -277,8 +319,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.run_id and not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError("--run-id needs --tracking-uri (or MLFLOW_TRACKING_URI): which server holds the run?")
-    if any(j > args.samples for j in args.pass_at):
-        raise ConfigError(f"--pass-at {max(args.pass_at)} exceeds --samples {args.samples}")
+    default_k, samples_by_name = parse_samples(args.samples, [])
+    if any(j > max([default_k, *samples_by_name.values()]) for j in args.pass_at):
+        raise ConfigError(f"--pass-at {max(args.pass_at)} exceeds every --samples count")
     config = eval_config(args)
     tracking = connect_tracking(config, args) if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") else None
     try:
@@ -286,8 +329,9 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--model {args.model}: cannot load its tokenizer: {exc}") from None
     view = tokenizer if args.keep_system_prompt else WithoutSystemMessages(tokenizer)
-    examples = load_benchmarks(args.benchmark, args.data_source, config.data, view, args.limit)
+    examples = load_benchmarks(args.benchmark, args.data_source, config.data, view, args.limit, args.distinct)
     sources = sorted({ex.data_source for ex in examples})
+    samples_by_name = parse_samples(args.samples, sources)[1]
     distinct = distinct_problems(examples)
     for source in sources:
         rows = sum(ex.data_source == source for ex in examples)
@@ -306,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{exc}: --grader BENCHMARK=REWARD") from None
     v = config.validation
     params = SamplingParams(max_tokens=v.max_tokens, temperature=v.temperature, top_p=v.top_p)
-    log.info("evaluating %s on %d problems of %s, %d sample(s) each", args.model, len(examples), sources, args.samples)
+    log.info("evaluating %s on %d problems of %s", args.model, len(examples), sources)
     with RewardPool(
         config.reward.name,
         config.reward.num_workers,
@@ -325,6 +369,7 @@ def main(args: argparse.Namespace) -> int:
                 seed=config.optimization.seed,
                 graders=graders,
                 pass_at_j=args.pass_at,
+                samples_per_source=samples_by_name,
             )
         finally:
             engine.close()

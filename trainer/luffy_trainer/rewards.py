@@ -43,8 +43,11 @@ MATH_VERIFY_TIMEOUT_S = 5
 WORKER_START_TIMEOUT_S = 120.0
 
 MULTIPLE_CHOICE = "multiple_choice"
-# Rewards every pool can grade with, whatever its configured reward: the math reward and the choice grader.
-BUILTIN_REWARDS = ("math_verify", MULTIPLE_CHOICE)
+MULTIPLE_CHOICE_BOXED = "multiple_choice_boxed"
+BOXED_MATH = "boxed_math"
+# Rewards every pool can grade with, whatever its configured reward: the math reward, the choice graders and the
+# boxed grader of the paper's evaluation.
+BUILTIN_REWARDS = ("math_verify", MULTIPLE_CHOICE, MULTIPLE_CHOICE_BOXED, BOXED_MATH)
 # Data sources whose answers are option labels (compared lower-case without punctuation): LUFFY's
 # out-of-distribution benchmarks (`arc_c`, `gpqa` in its released files) and their usual spellings.
 MULTIPLE_CHOICE_SOURCES = frozenset({"arcc", "arcchallenge", "gpqa", "gpqadiamond", "mmlupro"})
@@ -84,35 +87,71 @@ def get_reward(name: str) -> RewardFn:
 
 
 def final_answer(response: str) -> str | None:
-    """The graded part of a completion: the text after the first `</think>`, or None without one.
+    """The graded part of a completion, as the released code splits it: the text between the first `</think>` and
+    the second one (or the end), or None without a `</think>`.
 
     The response is the decoded completion; the chat template already opened `<think>\\n`, so it is prepended first.
     """
     text = f"{THINK_OPEN}\n{response}"
-    if THINK_OPEN not in text or THINK_CLOSE not in text:
+    if THINK_CLOSE not in text:
         return None
-    return text.split(THINK_CLOSE, 1)[1]
+    return text.split(THINK_CLOSE, 2)[1]
 
 
-@register_reward("math_verify")
-def math_verify_reward(response: str, ground_truth: str) -> float:
-    """LUFFY's reward (§1.2 of the algorithm notes): 1.0 if the answer after `</think>` equals `$ground_truth$`.
-
-    Without both think tags the reward is 0. Only the text after the first `</think>` is graded, with
-    math_verify.parse / verify. Never raises: anything unparsable scores 0.
-    """
-    answer = final_answer(response)
-    if answer is None:
-        return 0.0
+def _equivalent(answer: str, ground_truth: str) -> bool:
+    """Whether math_verify finds the math in `answer` equal to `$ground_truth$`; never raises."""
     # math_verify's SIGALRM timeouts raise in any thread but the main one; elsewhere the caller bounds the time.
     bound = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     try:
         gold = parse(f"${ground_truth}$", parsing_timeout=bound)
         predicted = parse(answer, parsing_timeout=bound)
-        return 1.0 if verify(gold, predicted, timeout_seconds=bound) else 0.0
+        return bool(verify(gold, predicted, timeout_seconds=bound))
     except (Exception, TimeoutException):
-        logger.debug("math_verify failed; reward 0", exc_info=True)
+        logger.debug("math_verify failed; graded wrong", exc_info=True)
+        return False
+
+
+@register_reward("math_verify")
+def math_verify_reward(response: str, ground_truth: str) -> float:
+    """LUFFY's reward (§1.2 of the algorithm notes): 1.0 if the answer (`final_answer`) equals `$ground_truth$`.
+
+    Without `</think>` the reward is 0. Only the text between the first and the second `</think>` is graded, with
+    math_verify.parse / verify. Never raises: anything unparsable scores 0.
+    """
+    answer = final_answer(response)
+    return 1.0 if answer is not None and _equivalent(answer, ground_truth) else 0.0
+
+
+# What `_normalized` removes: sizing and spacing commands, dollars, degree signs and percent signs.
+_NOISE = re.compile(r"\\left|\\right|\\[!,;: ]|\\quad|\$|\^\{?\\circ\}?|\\%|%|\s+")
+
+
+def _normalized(answer: str) -> str:
+    """A boxed answer in a canonical spelling: `\\text{}` wrappers unwrapped, `\\dfrac`/`\\tfrac` as `\\frac`,
+    spacing, dollars, degree and percent signs dropped, a trailing period removed."""
+    previous = None
+    while previous != answer:
+        previous, answer = answer, _TEXT_WRAPPER.sub(r"\1", answer)
+    answer = re.sub(r"\\[dt]frac", r"\\frac", answer)
+    return _NOISE.sub("", answer).rstrip(".")
+
+
+@register_reward(BOXED_MATH)
+def boxed_math_reward(response: str, ground_truth: str) -> float:
+    """The grader of the paper's re-evaluated numbers (Oat's boxed grader, reimplemented): the last `\\boxed{}` of the
+    answer is right if it equals the ground truth once both are normalised, or math_verify finds them equal.
+
+    The answer is `final_answer`'s text; unlike the training reward, a response without `</think>` is graded whole.
+    No `\\boxed{}` scores 0.
+    """
+    answer = final_answer(response)
+    boxes = _boxed_contents(response if answer is None else answer)
+    if not boxes:
         return 0.0
+    predicted = boxes[-1]
+    if _normalized(predicted) == _normalized(ground_truth):
+        return 1.0
+    return 1.0 if _equivalent(f"${predicted}$", ground_truth) else 0.0
 
 
 def option_label(ground_truth: str) -> str | None:
@@ -134,7 +173,7 @@ def _boxed_contents(text: str) -> list[str]:
     return contents
 
 
-def chosen_option(answer: str, digits: bool = False) -> str | None:
+def chosen_option(answer: str, digits: bool = False, phrases: bool = True) -> str | None:
     """The option label (a capital letter; a digit 1-9 with `digits`) that an answer chooses, or None.
 
     1. The last `\\boxed{}` whose content, without `\\text{}`-style wrappers, `$`, `*` and spaces, starts with a
@@ -142,6 +181,7 @@ def chosen_option(answer: str, digits: bool = False) -> str | None:
        ("C) 10^-4 eV"). "Cat", "C,D" or "C.5" choose nothing.
     2. Else the last phrase "answer: X", "answer is X", "answer is (X)" ("answer" in any case, optionally followed
        by "choice"/"option"; GPQA's prompt asks for "ANSWER: X"), X not followed by a letter, a digit or ".5".
+       Only with `phrases`: the released evaluation reads boxed labels alone.
     """
     label = "[1-9]" if digits else "[A-Z]"
     boxed_label = re.compile(rf"\(?({label})(?:\)|[.:]?(?:\s|$))")
@@ -152,6 +192,8 @@ def chosen_option(answer: str, digits: bool = False) -> str | None:
         match = boxed_label.match(content.replace("$", "").replace("*", "").strip())
         if match:
             return match.group(1)
+    if not phrases:
+        return None
     phrase = re.compile(
         rf"(?i:\banswer(?:\s+(?:choice|option))?(?:\s+is)?)\s*:?[\s*$]*\(?({label})(?![A-Za-z0-9]|\.\d)"
     )
@@ -159,20 +201,31 @@ def chosen_option(answer: str, digits: bool = False) -> str | None:
     return matches[-1].group(1) if matches else None
 
 
-@register_reward(MULTIPLE_CHOICE)
-def multiple_choice_reward(response: str, ground_truth: str) -> float:
-    """1.0 if the option chosen after the first `</think>` (see `chosen_option`) is the ground truth's label.
-
-    Without both think tags the reward is 0, as for the math reward. A ground truth that is not an option label
-    is a data error, not a wrong answer: it raises ValueError.
-    """
+def _graded_choice(response: str, ground_truth: str, phrases: bool) -> float:
     gold = option_label(ground_truth)
     if gold is None:
         raise ValueError(f"multiple-choice ground truth {ground_truth!r} is not an option label (A-Z or 1-9)")
     answer = final_answer(response)
     if answer is None:
         return 0.0
-    return 1.0 if chosen_option(answer, digits=gold.isdigit()) == gold else 0.0
+    return 1.0 if chosen_option(answer, digits=gold.isdigit(), phrases=phrases) == gold else 0.0
+
+
+@register_reward(MULTIPLE_CHOICE)
+def multiple_choice_reward(response: str, ground_truth: str) -> float:
+    """1.0 if the option chosen in the answer (`final_answer`; see `chosen_option`) is the ground truth's label.
+
+    Without `</think>` the reward is 0, as for the math reward. A ground truth that is not an option label is a data
+    error, not a wrong answer: it raises ValueError.
+    """
+    return _graded_choice(response, ground_truth, phrases=True)
+
+
+@register_reward(MULTIPLE_CHOICE_BOXED)
+def multiple_choice_boxed_reward(response: str, ground_truth: str) -> float:
+    """The released evaluation's path for GPQA, ARC-c and MMLU-Pro: only a `\\boxed{}` label in the answer counts, so
+    "ANSWER: C" or "the answer is (C)" without a box is wrong. Otherwise as `multiple_choice`."""
+    return _graded_choice(response, ground_truth, phrases=False)
 
 
 def select_reward(data_source: str, ground_truth: str, default: str) -> str:
@@ -216,7 +269,7 @@ class RewardPool:
     """Grades (response, ground_truth) pairs with reward `name` in `num_workers` processes, `timeout_s` per sample.
 
     `score` may name another reward per sample: any of BUILTIN_REWARDS or `extra_rewards`. A sample over the bound
-    scores 0.0, is logged with its index (and listed in `timeouts` after `score`), and its
+    scores 0.0, is logged with its index (and listed, in index order, in `timeouts` after `score`), and its
     worker is killed and replaced. A reward that raises, or a worker that dies, fails `score` with RewardError and
     closes the pool. Use as a context manager or call `close()`.
     """
@@ -329,6 +382,8 @@ class RewardPool:
                     results[index] = 0.0
                     self.timeouts.append(index)
                     remaining -= 1
+        # Bounds that expire together are handled in worker order, not deadline order: list them by sample.
+        self.timeouts.sort()
         return [float(r) for r in results]
 
     def close(self) -> None:
