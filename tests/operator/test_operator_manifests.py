@@ -63,8 +63,7 @@ SPECS = {
         checkpoint={"size": "100Gi", "accessMode": "ReadWriteMany", "storageClassName": "fast"},
     ),
     "sft": spec_of(algorithm={"mode": "sft", "nOnPolicy": 0}),
-    "tiny-example": example_spec("luffyrun-tiny-cpu.yaml"),
-    "7b-example": example_spec("luffyrun-qwen2.5-math-7b.yaml"),
+    **{path.stem: example_spec(path.name) for path in sorted((REPO / "examples").glob("luffyrun-*.yaml"))},
 }
 
 
@@ -287,15 +286,37 @@ def test_sft_runs_without_rollout_servers() -> None:
     assert "LUFFY_ROLLOUT_URLS" not in env and "LUFFY_WEIGHT_SYNC_HOST" not in env
 
 
-def test_paper_example_uses_eight_gpus() -> None:
-    spec = SPECS["7b-example"]
-    assert spec.trainer.nodes * spec.trainer.gpus_per_node + spec.rollout.replicas * spec.rollout.gpus_per_replica == 8
+def test_paper_example_is_the_released_run() -> None:
+    """The released objective needs the released layout: 8 FSDP ranks (the rollout servers come on top)."""
+    spec = SPECS["luffyrun-qwen2.5-math-7b"]
+    assert spec.trainer.nodes * spec.trainer.gpus_per_node == 8
     a, o = spec.algorithm, spec.optimization
     assert (a.mode, a.n_on_policy, a.n_off_policy, a.gamma, a.clip_eps) == ("luffy", 7, 1, 0.1, None)
-    assert (a.aggregation, a.entropy_coeff, a.normalize_std) == ("token-sum", 0.001, False)
+    assert (a.aggregation, a.loss_scale, a.entropy_coeff, a.normalize_std) == ("token-sum", "released", 0.001, False)
     assert (o.lr, o.prompts_per_step, o.optimizer_steps_per_batch, o.total_steps) == (1e-6, 128, 2, 500)
     assert (spec.data.max_prompt_length, spec.data.max_response_length, spec.rollout.max_model_len) == (
         1024,
         8192,
         9216,
     )
+
+
+def test_paper_baselines_differ_from_the_luffy_run_only_where_the_paper_does() -> None:
+    luffy = SPECS["luffyrun-qwen2.5-math-7b"]
+    grpo, rl_sft, sft = (SPECS[f"luffyrun-qwen2.5-math-7b-{n}"] for n in ("grpo", "rl-sft-loss", "sft"))
+    then_rl = SPECS["luffyrun-qwen2.5-math-7b-sft-then-rl"]
+    assert (grpo.algorithm.mode, grpo.algorithm.n_on_policy, grpo.algorithm.clip_eps) == ("grpo", 8, 0.2)
+    assert (rl_sft.algorithm.mode, rl_sft.algorithm.n_on_policy, rl_sft.algorithm.clip_eps) == ("rl_sft_loss", 7, None)
+    for run in (grpo, rl_sft, then_rl):
+        assert run.optimization == luffy.optimization and run.data.max_response_length == 8192
+        assert run.algorithm.loss_scale == "released" and run.trainer == luffy.trainer
+    assert (sft.algorithm.mode, sft.optimization.lr, sft.optimization.prompts_per_step) == ("sft", 5e-5, 64)
+    assert sft.optimization.total_steps == 3 * 720 and sft.optimization.warmup_steps == 216  # 3 epochs, 10% warmup
+    assert not sft.uses_rollouts and not sft.data.val_files
+    # SFT then RL: GRPO from the SFT run's final model, read from the claim the SFT run wrote it to.
+    assert then_rl.algorithm == grpo.algorithm
+    assert sft.checkpoint.existing_claim == then_rl.data_volume.claim_name == "luffy-runs"
+    sft_dir = manifests.run_directory(RunRef("qwen25-math-7b-sft", REF.namespace, REF.uid), sft)
+    written = manifests.train_config(RunRef("qwen25-math-7b-sft", REF.namespace, REF.uid), sft).output_dir + "/final"
+    assert written.startswith(sft_dir)
+    assert then_rl.model.path == then_rl.data_volume.mount_path + written.removeprefix(manifests.CHECKPOINT_MOUNT)
