@@ -43,13 +43,15 @@ lint: setup
 test: lint chart-venv
 	$(BIN)/python -m pytest -q -ra
 
-# LUFFY and the on-policy GRPO baseline from the same base model with the same step budget (about 5 minutes on 2 cores).
+# LUFFY and the on-policy GRPO baseline from the same base model with the same step budget, ending with the verdict
+# line (about 5 minutes on 2 cores).
 run: setup
-	$(BIN)/luffy quickstart --modes luffy grpo
+	$(BIN)/luffy quickstart --modes luffy grpo --seeds 1
 
-# The README's full comparison: LUFFY, GRPO and SFT.
+# The README's comparison: every variant on three seeds, the table with mean and min-max, and the learning curves.
 compare: setup
-	$(BIN)/luffy quickstart --modes luffy grpo sft
+	$(BIN)/luffy quickstart --modes luffy grpo sft rl_sft_loss luffy_no_shaping --seeds 1 2 3 \
+		--plot docs/quickstart-curves.png
 
 crd: setup
 	$(BIN)/luffy crd > crds/luffyruns.luffy.dev.yaml

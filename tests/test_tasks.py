@@ -1,9 +1,26 @@
-"""The quickstart task: correct traces, disjoint held-out problems, the released LUFFY schema."""
+"""The quickstart task: correct traces, disjoint held-out problems, no shortcut for the base model or a guesser."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from luffy_trainer.rewards import math_verify_reward
-from luffy_trainer.tasks import MAX_SUM, arithmetic_rows, problems, solution_steps
+from luffy_trainer.tasks import (
+    MAX_SUM,
+    VAL_PER_TOTAL,
+    arithmetic_rows,
+    constant_answer_accuracy,
+    problems,
+    solution_steps,
+)
+
+
+def question(row: dict) -> str:
+    return row["prompt"][0]["content"]
+
+
+def operands(row: dict) -> list[int]:
+    return [int(x) for x in question(row).removesuffix(" = ?").split(" + ")]
 
 
 def test_problems_respect_the_digit_and_sum_limits():
@@ -11,6 +28,7 @@ def test_problems_respect_the_digit_and_sum_limits():
         found = problems(n)
         assert found and all(len(p) == n and min(p) >= 1 and sum(p) <= MAX_SUM for p in found)
     assert len(problems(2)) == 36  # pairs (a, b) of 1..9 with a + b <= 9
+    assert len(problems(5)) == 126  # C(9, 5): five positive digits with sum at most 9
 
 
 def test_solution_is_a_running_sum_graded_correct():
@@ -22,16 +40,27 @@ def test_solution_is_a_running_sum_graded_correct():
 
 
 def test_splits_are_disjoint_and_in_the_luffy_schema():
-    rows = arithmetic_rows(n_base=50, n_train=200, n_other=10, seed=3)
-    question = lambda row: row["prompt"][0]["content"]  # noqa: E731
-    train_questions = {question(r) for r in rows["train"]}
+    rows = arithmetic_rows(n_base=50, n_train=300, seed=3)
     held_out = [r for r in rows["val"] if r["data_source"] == "unseen-5-terms"]
-    assert held_out and not train_questions & {question(r) for r in held_out}
-    assert len([r for r in rows["val"] if r["data_source"] == "4-terms"]) == 10
+    assert held_out and not {question(r) for r in rows["train"]} & {question(r) for r in held_out}
     for row in rows["train"] + rows["val"] + rows["base"]:
-        operands = [int(x) for x in question(row).removesuffix(" = ?").split(" + ")]
-        assert row["reward_model"]["ground_truth"] == str(sum(operands))
+        assert row["reward_model"]["ground_truth"] == str(sum(operands(row)))
         assert row["target"][0]["role"] == "assistant"
-        assert row["target"][0]["content"].endswith(f"\\boxed{{{sum(operands)}}}")
-    assert {len(question(r).split(" + ")) for r in rows["base"]} == {2}
-    assert {len(question(r).split(" + ")) for r in rows["train"]} == {5}
+        assert row["target"][0]["content"].endswith(f"\\boxed{{{sum(operands(row))}}}")
+    assert {len(operands(r)) for r in rows["base"]} == {2}
+    assert {len(operands(r)) for r in rows["train"]} == {5}
+
+
+def test_one_addition_of_two_operands_never_answers_a_training_problem():
+    """What the base model knows (one addition) is at least 3 short of every five-term total."""
+    for p in problems(5):
+        assert all(p[i] + p[j] <= sum(p) - 3 for i in range(5) for j in range(i + 1, 5))
+
+
+def test_held_out_sets_have_no_dominant_answer():
+    rows = arithmetic_rows(n_base=0, n_train=10, seed=0)
+    for source in ("unseen-5-terms", "4-terms"):
+        held = [r for r in rows["val"] if r["data_source"] == source]
+        counts = Counter(r["reward_model"]["ground_truth"] for r in held)
+        assert max(counts.values()) <= VAL_PER_TOTAL
+        assert constant_answer_accuracy(held) == max(counts.values()) / len(held) < 0.3

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """The quickstart task in the released LUFFY parquet schema (prompt / target / reward_model columns)."""
-    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_base=16, n_train=64, n_other=8, seed=1)
+    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_base=16, n_train=64, seed=1, val_per_total=2)
 
 
 def _config(tiny_model_dir: str, task_dir: Path, work: Path, **sections) -> dict:

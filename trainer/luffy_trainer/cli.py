@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -16,9 +17,25 @@ from collections.abc import Callable
 COMMANDS: dict[str, str] = {}
 
 
-def _command(name: str, target: str, help_text: str, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def _recipe_line(line: str) -> list[str]:
+    """One line of an `@FILE` recipe: any number of shell-quoted arguments; `#` starts a comment."""
+    return shlex.split(line, comments=True)
+
+
+def _command(
+    name: str, target: str, help_text: str, sub: argparse._SubParsersAction, recipe_files: bool = False
+) -> argparse.ArgumentParser:
     COMMANDS[name] = target
-    return sub.add_parser(name, help=help_text, description=help_text)
+    if not recipe_files:
+        return sub.add_parser(name, help=help_text, description=help_text)
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        description=f"{help_text} Arguments may also come from a file: @FILE.",
+        fromfile_prefix_chars="@",
+    )
+    parser.convert_arg_line_to_args = _recipe_line
+    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -43,6 +60,8 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from luffy_trainer.quickstart import VARIANTS as QUICKSTART_VARIANTS  # torch-free, like this module
+
     parser = argparse.ArgumentParser(
         prog="luffy", description="LUFFY training of reasoning LLMs, local or on Kubernetes."
     )
@@ -85,8 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         nargs="+",
         default=["luffy", "grpo"],
-        choices=["luffy", "grpo", "sft", "rl_sft_loss"],
-        help="algorithm modes to train and compare (same step budget)",
+        choices=list(QUICKSTART_VARIANTS),
+        help="variants to train and compare, each with the same step budget",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[1], help="train every variant once per seed (optimization.seed)"
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="draw the held-out learning curves here (and log them to MLflow)"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -104,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "luffy_trainer.eval_cli:main",
         "Score a model on local benchmark files: avg@k and pass@k per benchmark, as LUFFY evaluates.",
         sub,
+        recipe_files=True,
     )
     p.add_argument("--model", required=True, help="model directory (its tokenizer and chat template are used)")
     p.add_argument(
@@ -123,7 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-column", default="answer", help="flat format: the ground-truth column")
     p.add_argument("--keep-system-prompt", action="store_true", help="keep system messages (LUFFY removes them)")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N problems per benchmark")
-    p.add_argument("--samples", "-k", type=_positive_int, default=1, help="samples per problem (avg@k, pass@k)")
+    p.add_argument(
+        "--samples",
+        "-k",
+        action="append",
+        default=[],
+        metavar="[BENCHMARK=]K",
+        help="samples per problem (avg@k, pass@k), for every (or one) benchmark; default 1",
+    )
+    p.add_argument(
+        "--distinct",
+        action="store_true",
+        help="keep one row per distinct problem (LUFFY's released files repeat AIME/AMC rows 32 times)",
+    )
     p.add_argument(
         "--pass-at", type=_positive_int, action="append", default=[], metavar="J", help="also report pass@J (J < k)"
     )

@@ -1,30 +1,35 @@
-"""A generated reasoning task for the quickstart: multi-step addition with worked solutions as off-policy traces.
+"""A generated reasoning task for the quickstart: five-term sums, with worked solutions as off-policy traces.
 
-Operands are digits 1-9 and every sum stays at most 9, so each step is one of 36 single-token addition facts. Three
-splits, all in the released LUFFY parquet schema:
-- `base`: one-step sums "a + b", used to give the tiny model what a pretrained base model brings: the answer format
-  and every addition fact the longer problems need.
-- `train`: five operands. Each row carries its step-by-step trace ("1 + 2 = 3", "3 + 1 = 4", ...), the way DeepSeek-R1
-  traces come with OpenR1-Math. Chaining four steps is what the base model almost never does by itself (about 1% of
-  its samples are right), so on-policy exploration has little to start from, which is the regime LUFFY targets.
-- `val`: held-out five-operand sums never seen in training (`unseen-5-terms`), and four-operand sums
-  (`4-terms`), a kind never trained on at all, so the model has to run the procedure rather than recall answers.
+Operands are digits 1-9 and every sum stays at most 9, so each step is one of 36 addition facts of single digits,
+each one token. Three splits, in the released LUFFY parquet schema:
+- `base`: one-step sums "a + b". A supervised warm-up on them (long enough that the model answers every one the
+  same way) gives the tiny model what a pretrained base model brings: the answer format and every addition fact.
+- `train`: five operands, each row with its step-by-step trace ("1 + 2 = 3", "3 + 1 = 4", ...), the way DeepSeek-R1
+  traces come with OpenR1-Math. The base model has only ever added two numbers, and one addition of two of five
+  positive digits is always at least 3 short of the total: answering the way it knows, it is never right, so GRPO's
+  groups are all wrong, every advantage is 0 and on-policy RL has nothing to learn from. The traces show the chain.
+- `val`: five-operand sums never trained on (`unseen-5-terms`) and four-operand sums (`4-terms`), a kind never
+  trained on, so the model has to run the procedure rather than recall answers. Both take at most VAL_PER_TOTAL
+  problems of each total, so that no single answer is right for most of them (`constant_answer_accuracy`).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
+DIGITS = range(1, 10)
 MAX_SUM = 9
 TRAIN_OPERANDS = 5
 OTHER_OPERANDS = 4
+VAL_PER_TOTAL = 8
 
 
 def problems(n_operands: int) -> list[tuple[int, ...]]:
     """Every tuple of `n_operands` digits 1-9 whose sum is at most MAX_SUM."""
-    return [p for p in itertools.product(range(1, MAX_SUM + 1), repeat=n_operands) if sum(p) <= MAX_SUM]
+    return [p for p in itertools.product(DIGITS, repeat=n_operands) if sum(p) <= MAX_SUM]
 
 
 def solution_steps(operands: list[int]) -> str:
@@ -40,6 +45,12 @@ def question(operands: list[int]) -> str:
     return " + ".join(map(str, operands)) + " = ?"
 
 
+def constant_answer_accuracy(rows: list[dict]) -> float:
+    """The accuracy of always giving the most common answer: the floor a held-out score has to clear."""
+    counts = Counter(row["reward_model"]["ground_truth"] for row in rows)
+    return max(counts.values()) / len(rows) if rows else 0.0
+
+
 def _row(operands: tuple[int, ...], index: int, split: str, source: str) -> dict:
     ops = list(operands)
     return {
@@ -52,25 +63,37 @@ def _row(operands: tuple[int, ...], index: int, split: str, source: str) -> dict
     }
 
 
-def arithmetic_rows(n_base: int, n_train: int, n_other: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Rows of the three splits. `val` holds a quarter of the five-operand problems (never in `train`) and `n_other`
-    four-operand ones; `base` and `train` repeat their problems in random order."""
+def _by_total(pool: list[tuple[int, ...]], rng: random.Random) -> dict[int, list[tuple[int, ...]]]:
+    groups: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+    for p in pool:
+        groups[sum(p)].append(p)
+    for members in groups.values():
+        rng.shuffle(members)
+    return dict(sorted(groups.items()))
+
+
+def arithmetic_rows(
+    n_base: int, n_train: int, seed: int = 0, val_per_total: int = VAL_PER_TOTAL
+) -> dict[str, list[dict]]:
+    """Rows of the three splits: `val` takes up to `val_per_total` problems of each total; `train` draws the other
+    five-operand problems, each total equally often; `base` draws one-step sums."""
     rng = random.Random(seed)
-    candidates = problems(TRAIN_OPERANDS)
-    rng.shuffle(candidates)
-    held_out = sorted(candidates[: len(candidates) // 4])
-    seen = candidates[len(candidates) // 4 :]
+    five = _by_total(problems(TRAIN_OPERANDS), rng)
+    held_out = sorted(p for members in five.values() for p in members[:val_per_total])
+    seen = {total: members[val_per_total:] for total, members in five.items() if members[val_per_total:]}
+    four = _by_total(problems(OTHER_OPERANDS), rng)
+    other = sorted(p for members in four.values() for p in members[:val_per_total])
     pairs = problems(2)
     base = [_row(rng.choice(pairs), i, "base", "base") for i in range(n_base)]
-    train = [_row(rng.choice(seen), i, "train", "train") for i in range(n_train)]
-    other = sorted(rng.sample(problems(OTHER_OPERANDS), n_other))
+    totals = list(seen)
+    train = [_row(rng.choice(seen[rng.choice(totals)]), i, "train", "train") for i in range(n_train)]
     val = [_row(p, i, "test", f"unseen-{TRAIN_OPERANDS}-terms") for i, p in enumerate(held_out)]
     val += [_row(p, len(val) + i, "test", f"{OTHER_OPERANDS}-terms") for i, p in enumerate(other)]
     return {"base": base, "train": train, "val": val}
 
 
 def write_arithmetic_task(
-    directory: str | Path, n_base: int = 20000, n_train: int = 4000, n_other: int = 40, seed: int = 0
+    directory: str | Path, n_base: int = 20000, n_train: int = 4000, seed: int = 0, val_per_total: int = VAL_PER_TOTAL
 ) -> Path:
     """Write base.parquet, train.parquet and val.parquet; returns the directory."""
     import pyarrow as pa
@@ -78,6 +101,6 @@ def write_arithmetic_task(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for split, rows in arithmetic_rows(n_base, n_train, n_other, seed).items():
+    for split, rows in arithmetic_rows(n_base, n_train, seed, val_per_total).items():
         pq.write_table(pa.Table.from_pylist(rows), directory / f"{split}.parquet")
     return directory

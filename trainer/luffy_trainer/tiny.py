@@ -1,7 +1,8 @@
 """A deterministic tiny Qwen2-style model and tokenizer, built offline, for tests, examples and benchmarks.
 
 The tokenizer is a byte-level BPE trained on generated arithmetic text, with ChatML special tokens and a chat template
-whose generation prompt ends with "<think>\\n", as LUFFY's base model does. vLLM's CPU attention needs head_dim >= 32.
+whose generation prompt ends with "<think>\\n", as LUFFY's base model does. Like Qwen2.5's tokenizer it splits numbers
+into single digits, so arithmetic is the same few tokens whatever the number. vLLM's CPU attention needs head_dim >= 32.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def build_tokenizer(shape: TinyModelShape = TinyModelShape()):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=shape.tokenizer_vocab_size - len(THINK_TOKENS),
