@@ -131,7 +131,8 @@ def test_eval_on_hf_writes_results_and_logs_them_to_mlflow(tiny_model_dir, mlflo
     run = client.get_run(run_id_from(stdout))
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-eval"
     assert client.get_experiment(run.info.experiment_id).name == "eval-test"
-    assert run.data.params["eval.samples"] == '{"arc_c": 4, "math": 4}' and run.data.params["eval.model"] == tiny_model_dir
+    assert run.data.params["eval.samples"] == '{"arc_c": 4, "math": 4}'
+    assert run.data.params["eval.model"] == tiny_model_dir
     for source, scores in expected.items():
         for key, value in scores.items():
             assert run.data.metrics[f"eval/{source}/{key.replace('@', '_at_')}"] == pytest.approx(value)

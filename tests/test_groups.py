@@ -135,3 +135,18 @@ def test_loss_and_gradient_do_not_depend_on_micro_batching(aggregation, mode):
     assert split_loss == pytest.approx(whole_loss, rel=1e-10)
     torch.testing.assert_close(split_grad, whole_grad)
     assert whole_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["sft", "rl_sft_loss", "luffy"])
+def test_trace_probability_is_reported_in_every_mode_with_traces(mode):
+    """The paper's off-policy probability curve: the mean of p over the trace's tokens, whatever term trains them."""
+    algo = AlgorithmConfig(mode=mode, n_on_policy=0 if mode == "sft" else 7)
+    group = _group(k_correct=2) if mode != "sft" else GroupInput((1, 2, 3), [], [], [], (50, 51, 52, 53, 2), 1.0)
+    batch = collate(build_samples([group], algo), pad_id=0)
+    logp = torch.full(batch.response_mask.shape, -0.5, dtype=torch.float64)
+    logp[-1, :5] = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64))  # the trace is last
+    _, metrics = micro_batch_loss(
+        batch, logp, logp.detach(), None, algo, norm_length=16, totals=MiniBatchTotals.of([batch])
+    )
+    assert metrics["off_policy_prob_mean"].item() == pytest.approx((0.1 + 0.2 + 0.3 + 0.4 + 0.5) / 5)
+    assert metrics["off_policy_tokens"].item() == 5

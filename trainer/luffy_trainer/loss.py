@@ -84,7 +84,7 @@ def micro_batch_loss(
             share = int(batch.response_mask.any(dim=-1).sum()) / totals.pg_sequences
         loss = loss + pg * share
         metrics.update({k: v * share if k.endswith("_loss") else v for k, v in parts.items()})
-    if "off_policy_prob_mean" not in metrics and bool(batch.off_policy_mask.any()):
+    if not float(metrics.get("off_policy_tokens", 0.0)) and bool(batch.off_policy_mask.any()):
         # Traces outside the policy-gradient term (sft, rl_sft_loss): their token probability is still the curve the
         # paper compares (how fast the policy absorbs the traces).
         trace = batch.off_policy_mask & batch.token_mask

@@ -7,7 +7,8 @@ each one token. Three splits, in the released LUFFY parquet schema:
 - `train`: five operands, each row with its step-by-step trace ("1 + 2 = 3", "3 + 1 = 4", ...), the way DeepSeek-R1
   traces come with OpenR1-Math. The base model has only ever added two numbers, and one addition of two of five
   positive digits is always at least 3 short of the total: answering the way it knows, it is never right, so GRPO's
-  groups are all wrong, every advantage is 0 and on-policy RL has nothing to learn from. The traces show the chain.
+  groups start all wrong, every advantage 0, and on-policy RL has nothing to learn from until a sample strays onto
+  a right answer (the training totals are only 7, 8 and 9, so a guess can). The traces show the chain.
 - `val`: five-operand sums never trained on (`unseen-5-terms`) and four-operand sums (`4-terms`), a kind never
   trained on, so the model has to run the procedure rather than recall answers. Both take at most VAL_PER_TOTAL
   problems of each total, so that no single answer is right for most of them (`constant_answer_accuracy`).
