@@ -199,7 +199,7 @@ def results_document(
         "format": args.format,
         "system_prompt": "kept" if args.keep_system_prompt else "removed",
         "backend": args.backend,
-        "samples": result.samples_per_source or result.k,
+        "samples": result.samples_per_source,
         "sampling": {
             "temperature": args.temperature,
             "top_p": args.top_p,
@@ -210,7 +210,7 @@ def results_document(
             source: {
                 **scores,
                 "problems": int(scores["problems"]),
-                "samples": result.samples_per_source.get(source, result.k),
+                "samples": result.samples_per_source[source],
                 "distinct_problems": distinct[source],
                 "graders": result.graders[source],
             }
@@ -223,7 +223,7 @@ def results_document(
 
 def samples_text(result: EvalResult) -> str:
     """ "4 sample(s) per problem", or per benchmark when they differ."""
-    counts = set(result.samples_per_source.values()) or {result.k}
+    counts = set(result.samples_per_source.values())
     if len(counts) == 1:
         return f"{counts.pop()} sample(s) per problem"
     return "samples per problem: " + ", ".join(f"{s} {k}" for s, k in result.samples_per_source.items())
@@ -284,9 +284,7 @@ def log_to_mlflow(tracking: EvalTracking, args: argparse.Namespace, result: Eval
     params = {
         "eval.model": args.model,
         "eval.benchmark_files": ",".join(args.benchmark),
-        "eval.samples": json.dumps(result.samples_per_source, sort_keys=True)
-        if result.samples_per_source
-        else str(result.k),
+        "eval.samples": json.dumps(result.samples_per_source, sort_keys=True),
         "eval.temperature": str(args.temperature),
         "eval.top_p": str(args.top_p),
         "eval.max_tokens": str(args.max_tokens),

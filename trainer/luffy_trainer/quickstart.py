@@ -172,7 +172,7 @@ def held_out_curves(
             for step, val in sorted(result.validation_history.items()):
                 key = f"avg@{val.k}"
                 scores = {source: s[key] for source, s in val.by_source.items()} | {"mean": val.mean[key]}
-                at = curves.setdefault(name, {}).setdefault(step, {})
+                at = curves[name].setdefault(step, {})
                 for score, value in scores.items():
                     at.setdefault(score, []).append(value)
     return curves
