@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from luffy_trainer.config import (
+    AlgorithmConfig,
     ConfigError,
     TrainConfig,
     apply_overrides,
@@ -81,6 +82,22 @@ def test_group_size_by_mode():
     assert parse_config({"algorithm": {"mode": "grpo", "n_on_policy": 8}}).group_size == 8
     assert parse_config({"algorithm": {"mode": "rl_sft_loss"}}).group_size == 7  # trace not in the group
     assert parse_config({"algorithm": {"mode": "sft", "n_on_policy": 0}}).algorithm.uses_rollouts is False
+
+
+@pytest.mark.parametrize(
+    ("mode", "meaning"),
+    [
+        ("luffy", (True, True, True, False, 0.0, True)),
+        ("grpo", (True, False, False, False, 0.0, True)),
+        ("sft", (False, True, False, True, 1.0, False)),
+        ("rl_sft_loss", (True, True, False, True, 0.5, True)),
+    ],
+)
+def test_what_each_mode_means(mode, meaning):
+    """The table of groups.py: rollouts, traces, traces in the group, NLL term and its weight, entropy bonus."""
+    a = AlgorithmConfig(mode=mode, n_on_policy=0 if mode == "sft" else 7, sft_loss_coef=0.5)
+    got = (a.uses_rollouts, a.uses_traces, a.uses_traces_in_group, a.uses_nll, a.nll_coef, a.uses_entropy_bonus)
+    assert got == meaning
 
 
 def test_camel_case_aliases_are_accepted():

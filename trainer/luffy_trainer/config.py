@@ -140,9 +140,9 @@ class AlgorithmConfig(Section):
 
     @model_validator(mode="after")
     def _check_group(self) -> AlgorithmConfig:
-        if self.mode in ("luffy", "grpo", "rl_sft_loss") and self.n_on_policy < 1:
+        if self.uses_rollouts and self.n_on_policy < 1:
             raise ValueError(f"n_on_policy must be at least 1 in mode {self.mode!r}")
-        if self.mode in ("luffy", "sft", "rl_sft_loss") and self.n_off_policy < 1:
+        if self.uses_traces and self.n_off_policy < 1:
             raise ValueError(f"n_off_policy must be at least 1 in mode {self.mode!r}")
         if (
             self.off_policy_max_clip is not None
@@ -154,15 +154,41 @@ class AlgorithmConfig(Section):
             raise ValueError(f"loss_scale 'released' scales the token-sum aggregation, not {self.aggregation!r}")
         return self
 
+    # What each mode means, asked by the code instead of comparing mode names (the table in groups.py).
+
     @property
     def uses_rollouts(self) -> bool:
         """Whether this mode samples on-policy completions at all (`sft` does not)."""
         return self.mode != "sft"
 
     @property
+    def uses_traces(self) -> bool:
+        """Whether the dataset's off-policy traces are samples of the step (all but `grpo`): the training data must
+        carry them, and they are graded."""
+        return self.mode != "grpo"
+
+    @property
     def uses_traces_in_group(self) -> bool:
-        """Whether off-policy traces join the advantage group (only `luffy`)."""
+        """Whether off-policy traces join the advantage group, and so the policy-gradient term with policy shaping
+        (only `luffy`)."""
         return self.mode == "luffy"
+
+    @property
+    def uses_nll(self) -> bool:
+        """Whether the traces are trained by their negative log-likelihood (`sft`, `rl_sft_loss`)."""
+        return self.mode in ("sft", "rl_sft_loss")
+
+    @property
+    def nll_coef(self) -> float:
+        """Weight of the NLL term: the whole loss in `sft`, `sft_loss_coef` in `rl_sft_loss`, 0 without the term."""
+        if not self.uses_nll:
+            return 0.0
+        return self.sft_loss_coef if self.mode == "rl_sft_loss" else 1.0
+
+    @property
+    def uses_entropy_bonus(self) -> bool:
+        """Whether `entropy_coeff` applies: in every mode with a policy-gradient term (not `sft`, an NLL-only loss)."""
+        return self.uses_rollouts or self.uses_traces_in_group
 
 
 class RewardConfig(Section):

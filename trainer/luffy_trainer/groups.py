@@ -8,6 +8,9 @@ Each algorithm mode is a different choice of which samples form a prompt's group
 | `grpo`        | n_on rollouts                       | rollouts                  | on-policy loss                |
 | `sft`         | n_off traces                        | none                      | NLL of the traces             |
 | `rl_sft_loss` | n_on rollouts + n_off traces        | rollouts only             | on-policy loss + NLL of trace |
+
+The code asks `AlgorithmConfig`'s properties (`uses_rollouts`, `uses_traces`, `uses_traces_in_group`, `uses_nll`)
+rather than the mode's name.
 """
 
 from __future__ import annotations
@@ -50,8 +53,7 @@ class GroupInput:
 
 def build_samples(groups: Sequence[GroupInput], algorithm: AlgorithmConfig) -> list[Sample]:
     """Turn each prompt's rollouts and trace into samples with advantages, according to the algorithm mode."""
-    mode = algorithm.mode
-    n_traces = algorithm.n_off_policy if mode != "grpo" else 0
+    n_traces = algorithm.n_off_policy if algorithm.uses_traces else 0
     in_group_traces = n_traces if algorithm.uses_traces_in_group else 0
     samples: list[Sample] = []
     for g, item in enumerate(groups):
@@ -59,9 +61,9 @@ def build_samples(groups: Sequence[GroupInput], algorithm: AlgorithmConfig) -> l
         if len(rollouts) != len(item.rollout_rewards):
             raise ValueError(f"prompt {g}: {len(rollouts)} rollouts but {len(item.rollout_rewards)} rewards")
         if n_traces and not item.trace_ids:
-            raise ValueError(f"prompt {g}: mode {mode!r} needs an off-policy trace, but the example has none")
+            raise ValueError(f"prompt {g}: mode {algorithm.mode!r} needs an off-policy trace, but the example has none")
         group_rewards = list(item.rollout_rewards) + [item.trace_reward] * in_group_traces
-        if mode == "sft" or not group_rewards:
+        if not group_rewards:  # sft: no rollouts, and its traces are outside any group
             advantages = [0.0] * len(group_rewards)
         else:
             advantages = group_advantages(
@@ -95,7 +97,7 @@ def build_samples(groups: Sequence[GroupInput], algorithm: AlgorithmConfig) -> l
                     reward=float(item.trace_reward),
                     advantage=advantages[len(rollouts) + j] if in_group else 0.0,
                     policy_gradient=in_group,
-                    nll=mode in ("sft", "rl_sft_loss"),
+                    nll=algorithm.uses_nll,
                 )
             )
     return samples

@@ -95,12 +95,12 @@ def micro_batch_loss(
         metrics["nll_loss"] = nll_sum.detach() / totals.nll_tokens
         divisor = int(batch.nll_mask.sum()) / rank_share if released else totals.nll_tokens
         if divisor:
-            loss = loss + (algorithm.sft_loss_coef if algorithm.mode == "rl_sft_loss" else 1.0) * nll_sum / divisor
+            loss = loss + algorithm.nll_coef * nll_sum / divisor
     if entropy is not None and totals.response_tokens:
         entropy_sum = (entropy * batch.token_mask).sum()
         metrics["entropy"] = entropy_sum.detach() / totals.response_tokens
         divisor = int(batch.token_mask.sum()) / rank_share if released else totals.response_tokens
-        if divisor and algorithm.entropy_coeff and algorithm.mode != "sft":
+        if divisor and algorithm.entropy_coeff and algorithm.uses_entropy_bonus:
             loss = loss - algorithm.entropy_coeff * entropy_sum / divisor
     metrics["loss"] = loss.detach()
     return loss, metrics

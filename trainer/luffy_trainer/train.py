@@ -142,7 +142,7 @@ class LuffyTrainer:
 
         cfg = self.config
         loaded = load_examples(
-            cfg.data.train_files, cfg.data, self.tokenizer, require_traces=self.algorithm.mode != "grpo"
+            cfg.data.train_files, cfg.data, self.tokenizer, require_traces=self.algorithm.uses_traces
         )
         self.examples = loaded.examples
         if len(self.examples) < cfg.optimization.prompts_per_step:
@@ -222,8 +222,7 @@ class LuffyTrainer:
             for c in outs:
                 texts.append(self.tokenizer.decode(c.token_ids, skip_special_tokens=False))
                 truths.append(ex.ground_truth)
-        with_traces = self.algorithm.mode != "grpo"
-        if with_traces:
+        if self.algorithm.uses_traces:
             for ex in examples:
                 texts.append(self.tokenizer.decode(ex.trace_ids, skip_special_tokens=False))
                 truths.append(ex.ground_truth)
@@ -232,7 +231,7 @@ class LuffyTrainer:
         for outs in completions:
             rollout_rewards.append(scores[pos : pos + len(outs)])
             pos += len(outs)
-        return rollout_rewards, scores[pos:] if with_traces else [0.0] * len(examples)
+        return rollout_rewards, scores[pos:] if self.algorithm.uses_traces else [0.0] * len(examples)
 
     def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Rank 0: draw prompts, generate, grade, build the groups. Returns samples and batch metrics."""
