@@ -11,13 +11,7 @@ import statistics
 
 import pytest
 import torch
-from luffy_trainer.algorithm import (
-    aggregate_tokens,
-    entropy_from_logits,
-    group_advantages,
-    policy_loss,
-    sft_loss,
-)
+from luffy_trainer.algorithm import aggregate_tokens, group_advantages, policy_loss
 
 # --- advantages ---------------------------------------------------------------------------------------------------
 
@@ -129,15 +123,12 @@ def test_token_sum_defaults_to_padded_width():
     assert loss.item() == pytest.approx(sum(x for row in per_token for x in row if x is not None) / 4)
 
 
-def test_token_mean_and_seq_mean_token_mean():
+def test_seq_mean_token_mean():
     logp, old, mask, off, adv = _batch()
     per_token = _expected_token_losses(logp, old, mask, off, adv, 0.1)
     valid = [[x for x in row if x is not None] for row in per_token]
 
     lp, olp, a, m, o = _tensors(logp, old, mask, off, adv)
-    loss, _ = policy_loss(lp, olp, a, m, o, aggregation="token-mean")
-    assert loss.item() == pytest.approx(sum(map(sum, valid)) / 7)
-
     loss, metrics = policy_loss(lp, olp, a, m, o, aggregation="seq-mean-token-mean")
     assert loss.item() == pytest.approx((sum(valid[0]) / 3 + sum(valid[1]) / 4) / 2)
     assert (metrics["on_policy_loss"] + metrics["off_policy_loss"]).item() == pytest.approx(loss.item())
@@ -161,7 +152,7 @@ def test_ppo_clip_on_policy_values_and_clip_fraction():
     old = [[-0.5, 0.5, 0.0]]
     mask, off, adv = [[1, 1, 1]], [[0, 0, 0]], [2.0]
     lp, olp, a, m, o = _tensors(logp, old, mask, off, adv)
-    loss, metrics = policy_loss(lp, olp, a, m, o, clip_eps=0.2, aggregation="token-mean")
+    loss, metrics = policy_loss(lp, olp, a, m, o, clip_eps=0.2, norm_length=3)
     expected = _expected_token_losses(logp, old, mask, off, adv, 0.1, clip=0.2)[0]
     assert expected == pytest.approx([-2.0 * 1.2, -2.0 * math.exp(-0.5), -2.0])
     assert loss.item() == pytest.approx(sum(expected) / 3)
@@ -262,22 +253,3 @@ def test_advantage_shape_is_checked():
     lp, olp, a, m, o = _tensors(*_batch())
     with pytest.raises(ValueError, match="advantages must be"):
         policy_loss(lp, olp, a.unsqueeze(-1), m, o)
-
-
-# --- entropy and sft ----------------------------------------------------------------------------------------------
-
-
-def test_entropy_matches_definition():
-    logits = [[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]
-    got = entropy_from_logits(torch.tensor(logits)).tolist()
-    for row, h in zip(logits, got, strict=True):
-        z = sum(math.exp(x) for x in row)
-        probs = [math.exp(x) / z for x in row]
-        assert h == pytest.approx(-sum(p * math.log(p) for p in probs), rel=1e-6)
-    assert got[1] == pytest.approx(math.log(3), rel=1e-6)
-
-
-def test_sft_loss_is_token_mean_nll():
-    logp = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -7.0, -7.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert sft_loss(logp, mask).item() == pytest.approx((1.0 + 2.0 + 0.5) / 3)

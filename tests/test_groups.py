@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from luffy_trainer.config import AlgorithmConfig
@@ -150,3 +152,27 @@ def test_trace_probability_is_reported_in_every_mode_with_traces(mode):
     )
     assert metrics["off_policy_prob_mean"].item() == pytest.approx((0.1 + 0.2 + 0.3 + 0.4 + 0.5) / 5)
     assert metrics["off_policy_tokens"].item() == 5
+
+
+def test_token_mean_divides_by_the_policy_gradient_tokens_of_the_mini_batch():
+    """Group rewards [1, 0 | trace 1]: A = 1/3, -2/3, 1/3. Ratio 1 on-policy, f(1/2) = 5/6 on the trace's 5 tokens."""
+    algo = AlgorithmConfig(mode="luffy", n_on_policy=2, aggregation="token-mean", entropy_coeff=0.0)
+    batch = collate(build_samples([_group(k_correct=1, n_on=2)], algo), pad_id=0)
+    logp = torch.full(batch.response_mask.shape, math.log(0.5), dtype=torch.float64)
+    totals = MiniBatchTotals.of([batch, batch])  # this micro-batch is half of the mini-batch
+    loss, _ = micro_batch_loss(batch, logp, logp.detach(), None, algo, norm_length=16, totals=totals)
+    token_losses = [-1 / 3] * 3 + [2 / 3] * 3 + [-1 / 3 * 5 / 6] * 5
+    assert loss.item() == pytest.approx(sum(token_losses) / (2 * len(token_losses)))
+
+
+def test_sft_loss_is_the_token_mean_nll_of_the_traces_without_entropy_bonus():
+    algo = AlgorithmConfig(mode="sft", n_on_policy=0, entropy_coeff=0.5)
+    groups = [GroupInput((1, 2), [], [], [], (7, 8, 2), 1.0), GroupInput((3,), [], [], [], (9, 2), 1.0)]
+    batch = collate(build_samples(groups, algo), pad_id=0)
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.25, -3.0, -9.0]], dtype=torch.float64)  # the -9 is padding
+    entropy = torch.ones_like(logp)
+    loss, metrics = micro_batch_loss(
+        batch, logp, logp.detach(), entropy, algo, norm_length=16, totals=MiniBatchTotals.of([batch])
+    )
+    assert loss.item() == pytest.approx((1.0 + 2.0 + 0.5 + 0.25 + 3.0) / 5)
+    assert metrics["nll_loss"].item() == pytest.approx(loss.item()) and metrics["entropy"].item() == 1.0

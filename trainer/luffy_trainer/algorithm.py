@@ -17,7 +17,9 @@ from typing import Literal
 
 import torch
 
-Aggregation = Literal["token-sum", "token-mean", "seq-mean-token-mean"]
+# `algorithm.aggregation: token-mean` is not among them: loss.py computes it as a token sum over the mini-batch's token
+# count, so that it does not depend on how a mini-batch is cut into micro-batches and ranks.
+Aggregation = Literal["token-sum", "seq-mean-token-mean"]
 
 
 def group_advantages(rewards: torch.Tensor, *, normalize_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
@@ -56,7 +58,6 @@ def aggregate_tokens(
 
     - `token-sum`: sum of masked values / norm_length (None: T, the padded response width). This is the released
       LUFFY default (norm_length = max response length = 8192): a constant divisor, so longer responses weigh more.
-    - `token-mean`: mean over all masked tokens of the batch.
     - `seq-mean-token-mean`: mean over sequences (those with at least one masked token) of the per-sequence mean.
     """
     mask = mask.to(values.dtype)
@@ -64,14 +65,12 @@ def aggregate_tokens(
     if aggregation == "token-sum":
         divisor = norm_length if norm_length is not None else values.shape[-1]
         return masked.sum() / divisor
-    if aggregation == "token-mean":
-        return masked.sum() / mask.sum().clamp(min=1.0)
     if aggregation == "seq-mean-token-mean":
         counts = mask.sum(dim=-1)
         per_seq = masked.sum(dim=-1) / counts.clamp(min=1.0)
         present = (counts > 0).to(values.dtype)
         return (per_seq * present).sum() / present.sum().clamp(min=1.0)
-    raise ValueError(f"unknown aggregation {aggregation!r}; expected token-sum, token-mean or seq-mean-token-mean")
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected token-sum or seq-mean-token-mean")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -146,16 +145,3 @@ def policy_loss(
             "off_policy_tokens": off.sum().to(logprobs.dtype),
         }
     return loss, metrics
-
-
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean negative log-likelihood over `mask` (the trace tokens), as in SFT and `rl_sft_loss`."""
-    return -masked_mean(logprobs, mask)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position of `[..., V]` logits, computed in float32."""
-    logits = logits.float()
-    log_z = torch.logsumexp(logits, dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return log_z - (probs * logits).sum(dim=-1)

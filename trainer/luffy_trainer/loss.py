@@ -64,7 +64,7 @@ def micro_batch_loss(
     if totals.pg_tokens:
         aggregation = algorithm.aggregation
         divisor: int | None = norm_length
-        if aggregation == "token-mean":
+        if aggregation == "token-mean":  # a mean over the whole mini-batch's tokens, not over this micro-batch's
             aggregation, divisor = "token-sum", totals.pg_tokens
         pg, parts = policy_loss(
             logprobs,
