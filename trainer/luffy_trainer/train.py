@@ -379,34 +379,40 @@ class LuffyTrainer:
         tokens_per_s = metrics.get("throughput/rollout_tokens_per_s") or metrics.get("throughput/train_tokens_per_s")
         progress.update(step, metrics.get("reward/mean"), tokens_per_s)
 
+    def _train_steps(self, result: TrainResult, progress: Progress | None) -> None:
+        """Steps start_step..total_steps, with validation, best-model tracking and checkpoints along the way."""
+        cfg = self.config
+        total = cfg.optimization.total_steps
+        if self.start_step > total:
+            log.info("the checkpoint is already at step %d of %d: no training left", self.start_step - 1, total)
+        for step in range(self.start_step, total + 1):
+            metrics = self.step(step)
+            every = cfg.validation.every_steps
+            if step == total or (every and step % every == 0):
+                val = self.validate(step)
+                if val is not None:
+                    metrics.update(val.metrics())
+                    result.validation = result.validation_history[step] = val
+                if self.has_validation:
+                    metrics.update(self.track_best(step, val))
+            if self.world.is_main:
+                self._record(step, metrics, progress)
+            if step % cfg.checkpoint.every_steps == 0 or step == total:
+                self.save_checkpoint(step)
+            result.final_step, result.last_metrics = step, metrics
+
     def run(self) -> TrainResult:
         status = "FAILED"
-        progress = None
         try:
             self.setup()
             cfg = self.config
-            total = cfg.optimization.total_steps
             result = TrainResult(self.start_step - 1, Path(cfg.output_dir) / "final", self.run_id)
-            progress = Progress(self.start_step, total) if self.world.is_main else None
-            if self.start_step > total:
-                log.info("the checkpoint is already at step %d of %d: no training left", self.start_step - 1, total)
-            for step in range(self.start_step, total + 1):
-                metrics = self.step(step)
-                every = cfg.validation.every_steps
-                if step == total or (every and step % every == 0):
-                    val = self.validate(step)
-                    if val is not None:
-                        metrics.update(val.metrics())
-                        result.validation = result.validation_history[step] = val
-                    if self.has_validation:
-                        metrics.update(self.track_best(step, val))
-                if self.world.is_main:
-                    self._record(step, metrics, progress)
-                if step % cfg.checkpoint.every_steps == 0 or step == total:
-                    self.save_checkpoint(step)
-                result.final_step, result.last_metrics = step, metrics
-            if progress is not None:
-                progress.close()
+            progress = Progress(self.start_step, cfg.optimization.total_steps) if self.world.is_main else None
+            try:
+                self._train_steps(result, progress)
+            finally:  # once, and before the final save: its log lines must not run into the bar
+                if progress is not None:
+                    progress.close()
             result.model_dir = self.save_model("final")
             if self.world.is_main:
                 log.info("final model saved to %s", result.model_dir)
@@ -421,8 +427,6 @@ class LuffyTrainer:
                 log.error("rank %d of %d failed: %s", self.world.rank, self.world.world_size, exc)
             raise
         finally:
-            if progress is not None:
-                progress.close()
             self.close(status)
 
     def close(self, status: str) -> None:
