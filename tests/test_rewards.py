@@ -53,6 +53,7 @@ def dies_on_exit(response: str, ground_truth: str) -> float:
         ("no closing tag, answer \\boxed{4}", "4", 0.0),
         ("draft \\boxed{5}</think> final \\boxed{4}", "4", 1.0),  # text before </think> is ignored
         ("draft \\boxed{4}</think> final \\boxed{5}", "4", 0.0),
+        ("<think>\\boxed{5}</think> \\boxed{4}", "4", 1.0),  # an opening tag plays no part
         # the released think split: only the text between the first and the second </think> is graded
         ("a</think>b</think>\\boxed{4}", "4", 0.0),
         ("a</think> \\boxed{4} </think> \\boxed{5}", "4", 1.0),

@@ -35,7 +35,6 @@ RewardFn = Callable[[str, str], float]
 
 _REGISTRY: dict[str, RewardFn] = {}
 
-THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 # math_verify's own per-parse / per-comparison bound (its default); it relies on SIGALRM, main thread only.
 MATH_VERIFY_TIMEOUT_S = 5
@@ -90,12 +89,12 @@ def final_answer(response: str) -> str | None:
     """The graded part of a completion, as the released code splits it: the text between the first `</think>` and
     the second one (or the end), or None without a `</think>`.
 
-    The response is the decoded completion; the chat template already opened `<think>\\n`, so it is prepended first.
+    The response is the decoded completion, after the `<think>\\n` the chat template opened. The released code puts
+    that prefix back first, which changes nothing here: no `</think>` starts inside it.
     """
-    text = f"{THINK_OPEN}\n{response}"
-    if THINK_CLOSE not in text:
+    if THINK_CLOSE not in response:
         return None
-    return text.split(THINK_CLOSE, 2)[1]
+    return response.split(THINK_CLOSE, 2)[1]
 
 
 def _equivalent(answer: str, ground_truth: str) -> bool:
