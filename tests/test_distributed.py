@@ -81,7 +81,7 @@ def test_adamw_two_ranks_match_one_process(tmp_path, tiny_model_dir):
     _assert_same_params(one["params"], two["params"], atol=1e-3)
 
 
-def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
+def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir, tiny_run_config):
     """The cluster path end to end: 2 torchrun ranks (FSDP2, gloo) train against a real `luffy serve-rollout`,
     push their sharded weights to it every step, validate, keep the best model, and the server ends up serving exactly
     the saved final model."""
@@ -96,23 +96,15 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir):
     from servers import free_port
 
     data = write_arithmetic_task(tmp_path / "data", n_base=8, n_train=32, seed=2, val_per_total=1)
-    config = {
-        "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": True},
-        "data": {
-            "trainFiles": [str(data / "train.parquet")],
-            "valFiles": [str(data / "val.parquet")],
-            "maxPromptLength": 64,
-            "maxResponseLength": 48,
-        },
-        "algorithm": {"nOnPolicy": 3},
-        "reward": {"numWorkers": 1},
-        "rollout": {"backend": "vllm-server", "maxModelLen": 128},
-        "optimization": {"lr": 1e-2, "promptsPerStep": 4, "optimizerStepsPerBatch": 2, "totalSteps": 2},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "everySteps": 1},
-        "validation": {"everySteps": 1, "maxTokens": 16},
-        "tracking": {"trackingUri": f"sqlite:///{tmp_path}/mlflow.db", "systemMetrics": False, "logModel": False},
-        "outputDir": str(tmp_path / "out"),
-    }
+    config = tiny_run_config(
+        data,
+        model={"gradientCheckpointing": True},
+        rollout={"backend": "vllm-server"},
+        optimization={"lr": 1e-2, "totalSteps": 2},
+        checkpoint={"everySteps": 1},
+        validation={"everySteps": 1, "samplesPerPrompt": 1, "maxTokens": 16},
+        tracking={"trackingUri": f"sqlite:///{tmp_path}/mlflow.db", "logModel": False},
+    )
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     server = LocalRolloutServer(tiny_model_dir, free_port(), log_path=tmp_path / "server.log", max_model_len=128)
     server.start()

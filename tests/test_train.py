@@ -31,39 +31,14 @@ def task_dir(tmp_path_factory) -> Path:
     return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_base=16, n_train=64, seed=1, val_per_total=2)
 
 
-def _config(tiny_model_dir: str, task_dir: Path, work: Path, **sections) -> dict:
-    config = {
-        "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": False},
-        "data": {
-            "trainFiles": [str(task_dir / "train.parquet")],
-            "valFiles": [str(task_dir / "val.parquet")],
-            "maxPromptLength": 64,
-            "maxResponseLength": 48,
-        },
-        "algorithm": {"nOnPolicy": 3},
-        "reward": {"numWorkers": 1},
-        "rollout": {"backend": "vllm", "maxModelLen": 128},
-        "optimization": {"lr": 1e-3, "promptsPerStep": 4, "optimizerStepsPerBatch": 2, "totalSteps": 3},
-        "validation": {"everySteps": 0, "samplesPerPrompt": 2},
-        "checkpoint": {"dir": str(work / "ckpt"), "everySteps": 2, "keepLast": 2},
-        "tracking": {"experimentName": "train-tests", "systemMetrics": False},
-        "outputDir": str(work / "out"),
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config
-
-
 def _history_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_path, mlflow_server):
+def test_short_run_logs_params_metrics_and_model(tiny_run_config, task_dir, tmp_path, mlflow_server):
     config = parse_config(
-        _config(
-            tiny_model_dir,
+        tiny_run_config(
             task_dir,
-            tmp_path,
             validation={"everySteps": 2},
             tracking={
                 "trackingUri": mlflow_server.uri,
@@ -148,12 +123,10 @@ def _env(**extra) -> dict:
 
 
 def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
-    tiny_model_dir, task_dir, tmp_path, mlflow_server
+    tiny_run_config, task_dir, tmp_path, mlflow_server
 ):
-    config = _config(
-        tiny_model_dir,
+    config = tiny_run_config(
         task_dir,
-        tmp_path,
         optimization={"totalSteps": 12},
         checkpoint={"everySteps": 4},
         tracking={"trackingUri": mlflow_server.uri, "logModel": False},
@@ -184,14 +157,12 @@ def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_model_dir, task_dir, tmp_path):
+def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_run_config, task_dir, tmp_path):
     (tmp_path / "mlflow-root").mkdir()
     server = MlflowServer(tmp_path / "mlflow-root").start()
     try:
-        config = _config(
-            tiny_model_dir,
+        config = tiny_run_config(
             task_dir,
-            tmp_path,
             optimization={"totalSteps": 16},
             checkpoint={"everySteps": 2},
             tracking={"logModel": False},
@@ -218,12 +189,10 @@ def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_model_d
     ("mode", "algorithm"),
     [("grpo", {"nOffPolicy": 0, "clipEps": 0.2}), ("sft", {"nOnPolicy": 0}), ("rl_sft_loss", {})],
 )
-def test_baseline_modes_train(mode, algorithm, tiny_model_dir, task_dir, tmp_path):
+def test_baseline_modes_train(mode, algorithm, tiny_run_config, task_dir, tmp_path):
     config = parse_config(
-        _config(
-            tiny_model_dir,
+        tiny_run_config(
             task_dir,
-            tmp_path,
             algorithm={"mode": mode, **algorithm},
             optimization={"totalSteps": 2},
             validation={"samplesPerPrompt": 1},
