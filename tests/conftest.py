@@ -12,6 +12,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import pytest
 from servers import MlflowServer
 
@@ -44,3 +48,40 @@ def mlflow_server(tmp_path_factory):
 def mlflow_uri(mlflow_server) -> str:
     """The URI of the session's tracking server."""
     return mlflow_server.uri
+
+
+@dataclass
+class ShortTrainingRun:
+    """A finished short training: its result, config, working directory and tracking server."""
+
+    result: Any  # luffy_trainer.train.TrainResult
+    config: Any  # luffy_trainer.config.TrainConfig
+    workdir: Path
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def short_training_run(tiny_model_dir, mlflow_uri, tmp_path_factory) -> ShortTrainingRun:
+    """One short LUFFY training on the tiny model with real vLLM, validation, best-model tracking and the session's
+    MLflow server: 3 steps, validated at steps 2 and 3. Shared by tests/test_train.py (what it logs and registers)
+    and tests/test_docs.py (the documented metric list), so it runs once per session."""
+    from luffy_trainer.config import parse_config
+    from luffy_trainer.train import LuffyTrainer
+    from tiny_training import train_config, write_task
+
+    work = tmp_path_factory.mktemp("short-run")
+    config = parse_config(
+        train_config(
+            tiny_model_dir,
+            write_task(work / "task"),
+            work,
+            validation={"everySteps": 2},
+            tracking={
+                "trackingUri": mlflow_uri,
+                "registeredModelName": "tiny-luffy",
+                "registeredModelAlias": "candidate",
+                "bestModelAlias": "best",
+            },
+        )
+    )
+    return ShortTrainingRun(LuffyTrainer(config, workdir=work).run(), config, work, mlflow_uri)

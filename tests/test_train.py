@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from docs_metrics import compare
 from luffy_trainer.config import parse_config
-from luffy_trainer.tasks import write_arithmetic_task
 from luffy_trainer.tracking import STEP_MARKER
 from luffy_trainer.train import LuffyTrainer
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer
+from tiny_training import train_config as _config
+from tiny_training import write_task
 
 pytestmark = pytest.mark.vllm
 
@@ -28,57 +30,20 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """The quickstart task in the released LUFFY parquet schema (prompt / target / reward_model columns)."""
-    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_base=16, n_train=64, seed=1, val_per_total=2)
-
-
-def _config(tiny_model_dir: str, task_dir: Path, work: Path, **sections) -> dict:
-    config = {
-        "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": False},
-        "data": {
-            "trainFiles": [str(task_dir / "train.parquet")],
-            "valFiles": [str(task_dir / "val.parquet")],
-            "maxPromptLength": 64,
-            "maxResponseLength": 48,
-        },
-        "algorithm": {"nOnPolicy": 3},
-        "reward": {"numWorkers": 1},
-        "rollout": {"backend": "vllm", "maxModelLen": 128},
-        "optimization": {"lr": 1e-3, "promptsPerStep": 4, "optimizerStepsPerBatch": 2, "totalSteps": 3},
-        "validation": {"everySteps": 0, "samplesPerPrompt": 2},
-        "checkpoint": {"dir": str(work / "ckpt"), "everySteps": 2, "keepLast": 2},
-        "tracking": {"experimentName": "train-tests", "systemMetrics": False},
-        "outputDir": str(work / "out"),
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config
+    return write_task(tmp_path_factory.mktemp("task"))
 
 
 def _history_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_path, mlflow_server):
-    config = parse_config(
-        _config(
-            tiny_model_dir,
-            task_dir,
-            tmp_path,
-            validation={"everySteps": 2},
-            tracking={
-                "trackingUri": mlflow_server.uri,
-                "registeredModelName": "tiny-luffy",
-                "registeredModelAlias": "candidate",
-                "bestModelAlias": "best",
-            },
-        )
-    )
-    result = LuffyTrainer(config, workdir=tmp_path).run()
+def test_short_run_logs_params_metrics_and_model(short_training_run):
+    result, work = short_training_run.result, short_training_run.workdir
     assert result.final_step == 3
     assert (result.model_dir / "model.safetensors").is_file()
     assert result.validation is not None and set(result.validation.by_source) == {"unseen-5-terms", "4-terms"}
 
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(short_training_run.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["algorithm.gamma"] == "0.1"
@@ -119,7 +84,7 @@ def test_short_run_logs_params_metrics_and_model(tiny_model_dir, task_dir, tmp_p
     assert run.data.metrics["val/best/mean_avg"] == max(history.values())
     best = client.get_model_version_by_alias("tiny-luffy", "best")
     assert best.version == result.best_model_version != result.model_version
-    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
+    assert (work / "out" / "best" / "model.safetensors").is_file()
 
 
 def _train_process(config_path: Path, env: dict) -> subprocess.Popen:
@@ -239,3 +204,7 @@ def test_baseline_modes_train(mode, algorithm, tiny_model_dir, task_dir, tmp_pat
         assert "reward/on_policy" not in m and m["time/generate_s"] == 0.0 and m["loss/nll"] > 0
     if mode == "rl_sft_loss":
         assert m["loss/nll"] > 0 and m["loss/off_policy"] == 0.0 and "reward/on_policy" in m
+    # Every metric this mode logs is in the one documented list, and every metric listed for the mode is logged.
+    logged = MlflowClient(config.tracking.tracking_uri).get_run(result.run_id).data.metrics
+    difference = compare(mode, logged, result.validation.by_source, config.validation.samples_per_prompt)
+    assert difference is None, difference
