@@ -14,6 +14,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 from servers import MlflowServer
 
@@ -50,32 +53,48 @@ def mlflow_uri(mlflow_server) -> str:
 
 @pytest.fixture
 def tiny_run_config(tiny_model_dir, tmp_path):
-    """Builds the config of a short training run of tiny model A, as the mapping a LuffyRun or YAML file holds.
-
-    `build(task_dir, **sections)`: train and validate on the parquet files of `write_arithmetic_task(task_dir)`,
-    checkpoints and outputs under the test's tmp_path; each keyword updates that section of the defaults.
-    """
+    """Builds the config of a short training run of tiny model A (tests/tiny_training.py), as the mapping a LuffyRun
+    or YAML file holds: `build(task_dir, **sections)`, checkpoints and outputs under the test's tmp_path."""
+    from tiny_training import train_config
 
     def build(task_dir: Path, **sections: dict) -> dict:
-        config = {
-            "model": {"path": tiny_model_dir, "dtype": "float32", "gradientCheckpointing": False},
-            "data": {
-                "trainFiles": [str(task_dir / "train.parquet")],
-                "valFiles": [str(task_dir / "val.parquet")],
-                "maxPromptLength": 64,
-                "maxResponseLength": 48,
-            },
-            "algorithm": {"nOnPolicy": 3},
-            "reward": {"numWorkers": 1},
-            "rollout": {"backend": "vllm", "maxModelLen": 128},
-            "optimization": {"lr": 1e-3, "promptsPerStep": 4, "optimizerStepsPerBatch": 2, "totalSteps": 3},
-            "validation": {"everySteps": 0, "samplesPerPrompt": 2},
-            "checkpoint": {"dir": str(tmp_path / "ckpt"), "everySteps": 2, "keepLast": 2},
-            "tracking": {"experimentName": "train-tests", "systemMetrics": False},
-            "outputDir": str(tmp_path / "out"),
-        }
-        for section, values in sections.items():
-            config[section].update(values)
-        return config
+        return train_config(tiny_model_dir, task_dir, tmp_path, **sections)
 
     return build
+
+
+@dataclass
+class ShortTrainingRun:
+    """A finished short training: its result, config, working directory and tracking server."""
+
+    result: Any  # luffy_trainer.train.TrainResult
+    config: Any  # luffy_trainer.config.TrainConfig
+    workdir: Path
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def short_training_run(tiny_model_dir, mlflow_uri, tmp_path_factory) -> ShortTrainingRun:
+    """One short LUFFY training on the tiny model with real vLLM, validation, best-model tracking and the session's
+    MLflow server: 3 steps, validated at steps 2 and 3. Shared by tests/test_train.py (what it logs and registers)
+    and tests/test_docs.py (the documented metric list), so it runs once per session."""
+    from luffy_trainer.config import parse_config
+    from luffy_trainer.train import LuffyTrainer
+    from tiny_training import train_config, write_task
+
+    work = tmp_path_factory.mktemp("short-run")
+    config = parse_config(
+        train_config(
+            tiny_model_dir,
+            write_task(work / "task"),
+            work,
+            validation={"everySteps": 2},
+            tracking={
+                "trackingUri": mlflow_uri,
+                "registeredModelName": "tiny-luffy",
+                "registeredModelAlias": "candidate",
+                "bestModelAlias": "best",
+            },
+        )
+    )
+    return ShortTrainingRun(LuffyTrainer(config, workdir=work).run(), config, work, mlflow_uri)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from docs_metrics import compare
 from luffy_trainer.config import parse_config
-from luffy_trainer.tasks import write_arithmetic_task
 from luffy_trainer.tracking import STEP_MARKER
 from luffy_trainer.train import LuffyTrainer
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer
+from tiny_training import write_task
 
 pytestmark = pytest.mark.vllm
 
@@ -28,32 +29,20 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """The quickstart task in the released LUFFY parquet schema (prompt / target / reward_model columns)."""
-    return write_arithmetic_task(tmp_path_factory.mktemp("task"), n_base=16, n_train=64, seed=1, val_per_total=2)
+    return write_task(tmp_path_factory.mktemp("task"))
 
 
 def _history_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_short_run_logs_params_metrics_and_model(tiny_run_config, task_dir, tmp_path, mlflow_server):
-    config = parse_config(
-        tiny_run_config(
-            task_dir,
-            validation={"everySteps": 2},
-            tracking={
-                "trackingUri": mlflow_server.uri,
-                "registeredModelName": "tiny-luffy",
-                "registeredModelAlias": "candidate",
-                "bestModelAlias": "best",
-            },
-        )
-    )
-    result = LuffyTrainer(config, workdir=tmp_path).run()
+def test_short_run_logs_params_metrics_and_model(short_training_run):
+    result, work = short_training_run.result, short_training_run.workdir
     assert result.final_step == 3
     assert (result.model_dir / "model.safetensors").is_file()
     assert result.validation is not None and set(result.validation.by_source) == {"unseen-5-terms", "4-terms"}
 
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(short_training_run.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["algorithm.gamma"] == "0.1"
@@ -94,7 +83,7 @@ def test_short_run_logs_params_metrics_and_model(tiny_run_config, task_dir, tmp_
     assert run.data.metrics["val/best/mean_avg"] == max(history.values())
     best = client.get_model_version_by_alias("tiny-luffy", "best")
     assert best.version == result.best_model_version != result.model_version
-    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
+    assert (work / "out" / "best" / "model.safetensors").is_file()
 
 
 def _train_process(config_path: Path, env: dict) -> subprocess.Popen:
@@ -208,3 +197,7 @@ def test_baseline_modes_train(mode, algorithm, tiny_run_config, task_dir, tmp_pa
         assert "reward/on_policy" not in m and m["time/generate_s"] == 0.0 and m["loss/nll"] > 0
     if mode == "rl_sft_loss":
         assert m["loss/nll"] > 0 and m["loss/off_policy"] == 0.0 and "reward/on_policy" in m
+    # Every metric this mode logs is in the one documented list, and every metric listed for the mode is logged.
+    logged = MlflowClient(config.tracking.tracking_uri).get_run(result.run_id).data.metrics
+    difference = compare(mode, logged, result.validation.by_source, config.validation.samples_per_prompt)
+    assert difference is None, difference
