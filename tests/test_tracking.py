@@ -137,11 +137,13 @@ def test_data_files_are_dataset_inputs_and_the_code_version_source_tags(mlflow_s
         workdir=tmp_path,
     )
     run_id = tracker.start({})
-    tracker.log_datasets({"training": [str(train)], "validation": [str(val)]})
+    for _ in range(2):  # as a restarted trainer logs them again
+        tracker.log_datasets({"training": [str(train)], "validation": [str(val)]})
     tracker.log_code_version("luffy train")
     tracker.finish()
 
     run = MlflowClient(mlflow_server.uri).get_run(run_id)
+    assert len(run.inputs.dataset_inputs) == 2
     inputs = {
         d.dataset.name: (
             d.dataset.digest,

@@ -40,7 +40,7 @@ def resolve_tracking_uri(config: TrackingConfig, workdir: str | Path = ".") -> s
 
 
 class MlflowTracker:
-    """One MLflow run of a training: params, buffered step metrics, artifacts, the final model."""
+    """One MLflow run of a training (or an evaluation): params, buffered step metrics, artifacts, the final model."""
 
     def __init__(self, config: TrackingConfig, *, workdir: str | Path = ".") -> None:
         from mlflow.tracking import MlflowClient
