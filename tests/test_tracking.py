@@ -11,7 +11,7 @@ from pathlib import Path
 import luffy_trainer
 import pytest
 from luffy_trainer.config import TrackingConfig, UserError
-from luffy_trainer.tracking import STEP_MARKER, MlflowTracker, resolve_tracking_uri
+from luffy_trainer.tracking import STEP_MARKER, MlflowTracker, resolve_tracking_uri, source_commit
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer, free_port
 
@@ -171,3 +171,10 @@ def test_data_files_are_dataset_inputs_and_the_code_version_source_tags(mlflow_s
         assert tags["mlflow.source.git.commit"] == head.stdout.strip()
     else:
         assert "mlflow.source.git.commit" not in tags
+
+
+def test_no_commit_is_claimed_outside_a_git_checkout(tmp_path, monkeypatch):
+    package = tmp_path / "site-packages" / "luffy_trainer"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(luffy_trainer, "__file__", str(package / "__init__.py"))
+    assert source_commit() is None
