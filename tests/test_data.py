@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from luffy_trainer.config import DataConfig
+from luffy_trainer.config import DataConfig, UserError
 from luffy_trainer.data import ResumableSampler, load_examples
 from luffy_trainer.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
@@ -230,7 +230,7 @@ def test_unsupported_and_missing_files(tok, tmp_path):
     csv.write_text("question,answer\n")
     with pytest.raises(ValueError, match=r"unsupported data file .*train\.csv"):
         load_examples([str(csv)], DataConfig(), tok)
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.parquet"):
+    with pytest.raises(UserError, match=r"data file .*nowhere\.parquet does not exist"):
         load_examples([str(tmp_path / "nowhere.parquet")], DataConfig(), tok)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": []}\n{not json\n')

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from luffy_trainer.cli import main as luffy
 from luffy_trainer.rewards import get_reward, register_reward
 
@@ -53,6 +54,11 @@ def expected_scores(samples: list[dict], k: int, j: int) -> dict[str, dict[str, 
     return out
 
 
+def write_config(path: Path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
 def run_id_from(stdout: str) -> str:
     match = re.search(r"MLflow run: (\w+)", stdout)
     assert match, stdout
@@ -63,38 +69,22 @@ def test_eval_on_hf_writes_results_and_logs_them_to_mlflow(tiny_model_dir, mlflo
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "results"
+    benchmark = str(EXAMPLES / "luffy_format_sample.jsonl")
     # examples/benchmarks/luffy_format_sample.jsonl: "math" (3 problems) and "arc_c" (2, multiple choice)
-    argv = [
-        "eval",
-        "--model",
-        tiny_model_dir,
-        "--benchmark",
-        str(EXAMPLES / "luffy_format_sample.jsonl"),
-        "--backend",
-        "hf",
-        "--dtype",
-        "float32",
-        "--samples",
-        "4",
-        "--pass-at",
-        "2",
-        "--temperature",
-        "1.0",
-        "--max-tokens",
-        "24",
-        "--grader",
-        "math=test_even_length",
-        "--grader-workers",
-        "2",
-        "--output",
-        str(out),
-        "--tracking-uri",
-        mlflow_server.uri,
-        "--experiment",
-        "eval-test",
-        "--run-name",
-        "tiny-eval",
-    ]
+    config = write_config(
+        tmp_path / "eval.yaml",
+        {
+            "model": {"path": tiny_model_dir, "dtype": "float32"},
+            "data": {"files": [benchmark]},
+            "rollout": {"backend": "hf", "temperature": 1.0, "maxTokens": 24},
+            "samples": 4,
+            "passAt": [2],
+            "graders": {"math": "test_even_length"},
+            "outputDir": str(out),
+            "tracking": {"trackingUri": mlflow_server.uri, "experimentName": "eval-test", "runName": "tiny-eval"},
+        },
+    )
+    argv = ["eval", config, "--set", "reward.numWorkers=2"]
     assert luffy(argv) == 0
     stdout = capsys.readouterr().out
 
@@ -137,6 +127,11 @@ def test_eval_on_hf_writes_results_and_logs_them_to_mlflow(tiny_model_dir, mlflo
         for key, value in scores.items():
             assert run.data.metrics[f"eval/{source}/{key.replace('@', '_at_')}"] == pytest.approx(value)
     assert run.data.metrics["eval/mean/avg_at_4"] == pytest.approx(results["average"]["avg@4"])
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.source_type) == ("luffy_format_sample.jsonl", "local")
+    assert json.loads(dataset.dataset.source) == {"uri": benchmark}
+    assert {t.key: t.value for t in dataset.tags} == {"mlflow.data.context": "evaluation"}
+    assert run.data.tags["mlflow.source.name"] == "luffy eval" and run.data.tags["luffy.version"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step_0")}
     assert artifacts == {"eval/step_0/results.json", "eval/step_0/results.md", "eval/step_0/generations.jsonl"}
     logged = client.download_artifacts(run.info.run_id, "eval/step_0/results.json", str(tmp_path))
@@ -154,39 +149,24 @@ def test_eval_on_vllm_joins_an_existing_run_at_a_step(tiny_model_dir, mlflow_ser
     client.set_terminated(training, "FINISHED")
 
     out = tmp_path / "results"
-    argv = [
-        "eval",
-        "--model",
-        tiny_model_dir,
-        "--benchmark",
-        str(EXAMPLES / "flat_sample.jsonl"),
-        "--format",
-        "flat",
-        "--data-source",
-        "arith",
-        "--limit",
-        "2",
-        "--backend",
-        "vllm",
-        "--dtype",
-        "float32",
-        "--samples",
-        "2",
-        "--max-tokens",
-        "16",
-        "--max-prompt-length",
-        "64",
-        "--grader-workers",
-        "1",
-        "--output",
-        str(out),
-        "--tracking-uri",
-        mlflow_server.uri,
-        "--run-id",
-        training,
-        "--step",
-        "7",
-    ]
+    sets = {  # no config file: every field from --set
+        "model.path": tiny_model_dir,
+        "model.dtype": "float32",
+        "data.files": f"[{EXAMPLES / 'flat_sample.jsonl'}]",
+        "data.format": "flat",
+        "data.names": "[arith]",
+        "data.limit": "2",
+        "data.maxPromptLength": "64",
+        "rollout.backend": "vllm",
+        "rollout.maxTokens": "16",
+        "samples": "2",
+        "reward.numWorkers": "1",
+        "outputDir": str(out),
+        "tracking.trackingUri": mlflow_server.uri,
+        "tracking.runId": training,
+        "tracking.step": "7",
+    }
+    argv = ["eval", *(arg for key, value in sets.items() for arg in ("--set", f"{key}={value}"))]
     assert luffy(argv) == 0
     assert run_id_from(capsys.readouterr().out) == training
 
@@ -205,6 +185,8 @@ def test_eval_on_vllm_joins_an_existing_run_at_a_step(tiny_model_dir, mlflow_ser
     run = client.get_run(training)
     assert run.info.status == "FINISHED"  # the run keeps its status
     assert run.data.params["algorithm.mode"] == "luffy" and run.data.params["eval.backend"] == "vllm"
+    assert "mlflow.source.name" not in run.data.tags  # the joined run keeps its own source tags
+    assert [d.tags[0].value for d in run.inputs.dataset_inputs] == ["evaluation"]
     history = client.get_metric_history(training, "eval/arith/avg_at_2")
     assert [(m.step, m.value) for m in history] == [(7, pytest.approx(expected["avg@2"]))]
     assert "progress/step" not in run.data.metrics  # no training-step marker: a resumed training is not confused
@@ -233,27 +215,36 @@ def test_eval_rejects_bad_input_with_a_clear_message(tiny_model_dir, mlflow_serv
             }
         ],
     )
-    base = ["eval", "--model", tiny_model_dir, "--backend", "hf", "--output", str(tmp_path / "out")]
+    config = {
+        "model": {"path": tiny_model_dir},
+        "data": {"files": [luffy_rows]},
+        "rollout": {"backend": "hf"},
+        "outputDir": str(tmp_path / "out"),
+    }
+    base = ["eval", write_config(tmp_path / "eval.yaml", config)]
+    server = mlflow_server.uri
     cases = [
-        (["--benchmark", str(tmp_path / "missing.parquet")], r"--benchmark .*missing\.parquet: .*does not exist"),
-        (["--benchmark", luffy_rows, "--format", "flat"], r"column 'question' \(data\.flat_columns\.question"),
-        (["--benchmark", flat], r"column 'prompt' \(data\.luffy_columns\.prompt = 'prompt'\) not found"),
-        (["--benchmark", flat, "--format", "flat", "--answer-column", "solution"], r"column 'solution'"),
-        (["--benchmark", flat, "--format", "flat", "--data-source", "a", "--data-source", "b"], "once per --benchmark"),
-        (["--benchmark", luffy_rows, "--samples", "2", "--pass-at", "4"], "--pass-at 4 exceeds every --samples count"),
-        (["--benchmark", luffy_rows, "--samples", "math=0"], "--samples math=0: expected K or BENCHMARK=K"),
-        (["--benchmark", luffy_rows, "--samples", "aime=32"], r"--samples aime=32: no benchmark 'aime'"),
-        (["--benchmark", luffy_rows, "--grader", "nope"], "--grader nope: unknown reward 'nope'"),
+        (["--set", f"data.files=[{tmp_path / 'missing.parquet'}]"], r"data file .*missing\.parquet does not exist"),
+        (["--set", "data.format=flat"], r"column 'question' \(data\.flat_columns\.question"),
+        (["--set", f"data.files=[{flat}]"], r"column 'prompt' \(data\.luffy_columns\.prompt = 'prompt'\) not found"),
         (
-            ["--benchmark", luffy_rows, "--grader", "gsm8k=math_verify"],
-            r"no benchmark 'gsm8k'; benchmarks: arc_c, math",
+            ["--set", f"data.files=[{flat}]", "--set", "data.format=flat", "--set", "data.flatColumns.answer=solution"],
+            r"column 'solution'",
         ),
-        (["--benchmark", gpqa_text_answer], r"'gpqa' problem 0: ground truth '4.5 eV' is not an option label"),
-        (["--benchmark", luffy_rows, "--max-prompt-length", "8"], "over data.max_prompt_length = 8.*--max-prompt-len"),
-        (["--benchmark", luffy_rows, "--run-id", "abc"], "--run-id needs --tracking-uri"),
+        (["--set", "data.names=[a, b]"], r"data: .*names has 2 entries for 1 files"),
+        (["--set", "data.benchmark=x"], r"data\.benchmark: unknown field"),
+        (["--set", "samples=2", "--set", "passAt=[4]"], "pass_at 4 exceeds every sample count"),
+        (["--set", "samplesPerBenchmark.math=0"], r"samplesPerBenchmark\.math: Input should be greater than or equal"),
+        (["--set", "samplesPerBenchmark.aime=32"], r"samples_per_benchmark\.aime: no benchmark 'aime'"),
+        (["--set", "graders.math=nope"], "graders.math: unknown reward 'nope'"),
+        (["--set", "reward.name=nope"], "reward.name: unknown reward 'nope'"),
+        (["--set", "graders.gsm8k=math_verify"], r"graders\.gsm8k: no benchmark 'gsm8k'; benchmarks: arc_c, math"),
+        (["--set", f"data.files=[{gpqa_text_answer}]"], r"'gpqa' problem 0: ground truth '4.5 eV' is not an option"),
+        (["--set", "data.maxPromptLength=8"], "over data.max_prompt_length = 8"),
+        (["--set", "tracking.runId=abc"], "tracking.run_id needs tracking.tracking_uri"),
         (
-            ["--benchmark", luffy_rows, "--tracking-uri", mlflow_server.uri, "--run-id", "0123abcd"],
-            "--run-id 0123abcd: cannot read this run at http://127.0.0.1",
+            ["--set", f"tracking.trackingUri={server}", "--set", "tracking.runId=0123abcd"],
+            "MLflow at http://127.0.0.1:\\d+ refused to read run 0123abcd",
         ),
     ]
     for extra, message in cases:
@@ -261,6 +252,8 @@ def test_eval_rejects_bad_input_with_a_clear_message(tiny_model_dir, mlflow_serv
         err = capsys.readouterr().err
         assert err.startswith("luffy eval: ") and re.search(message, err), (extra, err)
     assert not (tmp_path / "out").exists()  # nothing was generated
+    assert luffy(["eval"]) == 2  # no config and no --set: the required sections are named
+    assert re.search(r"model: Field required\n  data: Field required", capsys.readouterr().err)
 
 
 def test_system_messages_are_dropped_and_repeated_problems_counted(tiny_model_dir):
@@ -290,24 +283,26 @@ def test_system_messages_are_dropped_and_repeated_problems_counted(tiny_model_di
     assert distinct_problems(rows) == {"aime": 2, "math": 1}
 
 
-def test_a_recipe_file_runs_per_benchmark_sample_counts(tiny_model_dir, tmp_path, capsys):
+def test_a_config_file_runs_per_benchmark_sample_counts(tiny_model_dir, tmp_path, capsys):
     """The paper's protocol shape on the sample file: distinct problems, 3 samples for one benchmark and 1 for the
     other, each benchmark's accuracy at its own k and their unweighted mean."""
     rows = read_jsonl(EXAMPLES / "luffy_format_sample.jsonl")
     repeated = write_jsonl(tmp_path / "repeated.jsonl", rows + rows[:2])  # two math rows twice, as LUFFY's file has
-    recipe = tmp_path / "recipe.args"
-    recipe.write_text(
-        f"# a recipe: flags, comments, several per line\n--benchmark {repeated}\n--distinct\n"
-        "--samples 1 --samples math=3  # math at avg@3\n--temperature 1.0 --max-tokens 16\n--grader boxed_math\n"
-    )
+    config = {
+        "model": {"path": tiny_model_dir, "dtype": "float32"},
+        "data": {"files": [repeated], "distinct": True},
+        "samples": 1,
+        "samplesPerBenchmark": {"math": 3},
+        "rollout": {"backend": "hf", "temperature": 1.0, "maxTokens": 16},
+        "reward": {"name": "boxed_math"},
+    }
     out = tmp_path / "out"
-    argv = ["eval", "--model", tiny_model_dir, "--backend", "hf", "--dtype", "float32", f"@{recipe}"]
-    assert luffy([*argv, "--output", str(out)]) == 0
+    assert luffy(["eval", write_config(tmp_path / "eval.yaml", config), "--set", f"outputDir={out}"]) == 0
     samples = read_jsonl(out / "generations.jsonl")
     per_problem = {}
     for s in samples:
         per_problem.setdefault((s["benchmark"], s["index"]), []).append(s["reward"] > 0.5)
-        assert s["grader"] == "boxed_math"
+        assert s["grader"] == {"math": "boxed_math", "arc_c": "multiple_choice"}[s["benchmark"]]
     assert sorted((b, i, len(v)) for (b, i), v in per_problem.items()) == [
         ("arc_c", 0, 1),
         ("arc_c", 1, 1),
@@ -332,16 +327,19 @@ def test_a_recipe_file_runs_per_benchmark_sample_counts(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("recipe", "samples", "grader"),
+    ("recipe", "samples", "graders"),
     [
-        ("eval-paper-math.args", ["1", "aime=32", "aime25=32", "amc=32"], ["boxed_math"]),
-        ("eval-paper-ood.args", ["1"], ["multiple_choice_boxed"]),
+        ("eval-paper-math.yaml", {"aime": 32, "aime25": 32, "amc": 32}, {}),
+        ("eval-paper-ood.yaml", {}, dict.fromkeys(["arc_c", "gpqa", "mmlu_pro"], "multiple_choice_boxed")),
     ],
 )
-def test_the_paper_recipes_hold_the_paper_protocol(recipe, samples, grader):
-    from luffy_trainer.cli import build_parser
+def test_the_paper_recipes_hold_the_paper_protocol(recipe, samples, graders):
+    from luffy_trainer.config import load_config
+    from luffy_trainer.eval_cli import EvalConfig
 
-    args = build_parser().parse_args(["eval", "--model", "m", f"@{EXAMPLES.parent / recipe}"])
-    assert (args.temperature, args.top_p, args.max_tokens) == (0.6, 1.0, 8192)
-    assert (args.samples, args.grader, args.keep_system_prompt) == (samples, grader, False)
-    assert all(path.startswith("/data/luffy/valid.") for path in args.benchmark)
+    config = load_config(EXAMPLES.parent / recipe, ["model.path=m"], EvalConfig)
+    assert (config.rollout.temperature, config.rollout.top_p, config.rollout.max_tokens) == (0.6, 1.0, 8192)
+    assert (config.samples, config.samples_per_benchmark, config.graders) == (1, samples, graders)
+    assert config.reward.name == ("boxed_math" if "math" in recipe else "math_verify")
+    assert config.data.distinct == ("math" in recipe) and not config.data.keep_system_prompt
+    assert all(path.startswith("/data/luffy/valid.") for path in config.data.files)

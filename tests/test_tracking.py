@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
 import time
+from pathlib import Path
 
+import luffy_trainer
 import pytest
-from luffy_trainer.config import TrackingConfig
-from luffy_trainer.tracking import STEP_MARKER, MlflowTracker, resolve_tracking_uri
+from luffy_trainer.config import TrackingConfig, UserError
+from luffy_trainer.tracking import STEP_MARKER, MlflowTracker, resolve_tracking_uri, source_commit
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer, free_port
 
@@ -84,9 +89,9 @@ def test_resumed_tracker_continues_the_run_without_duplicate_steps(mlflow_server
 def test_unreachable_server_fails_with_a_clear_error(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     tracker = MlflowTracker(
-        TrackingConfig(tracking_uri=uri, system_metrics=False), workdir=tmp_path, connect_timeout_s=2
+        TrackingConfig(tracking_uri=uri, system_metrics=False, connect_timeout_s=2), workdir=tmp_path
     )
-    with pytest.raises(RuntimeError, match=f"cannot reach the MLflow tracking server at {uri}"):
+    with pytest.raises(UserError, match=f"cannot reach the MLflow tracking server at {uri}"):
         tracker.start({})
 
 
@@ -121,3 +126,55 @@ def test_metric_names_with_at_sign_are_logged_and_rejected_batches_do_not_block(
         (1, 0.5),
         (3, 0.75),
     ]
+
+
+def test_data_files_are_dataset_inputs_and_the_code_version_source_tags(mlflow_server, tmp_path):
+    train, val = tmp_path / "train.parquet", tmp_path / "val.jsonl"
+    train.write_bytes(b"training rows")
+    val.write_bytes(b"validation rows")
+    tracker = MlflowTracker(
+        TrackingConfig(tracking_uri=mlflow_server.uri, experiment_name="t-lineage", system_metrics=False),
+        workdir=tmp_path,
+    )
+    run_id = tracker.start({})
+    for _ in range(2):  # as a restarted trainer logs them again
+        tracker.log_datasets({"training": [str(train)], "validation": [str(val)]})
+    tracker.log_code_version("luffy train")
+    tracker.finish()
+
+    run = MlflowClient(mlflow_server.uri).get_run(run_id)
+    assert len(run.inputs.dataset_inputs) == 2
+    inputs = {
+        d.dataset.name: (
+            d.dataset.digest,
+            json.loads(d.dataset.source),
+            d.dataset.source_type,
+            {t.key: t.value for t in d.tags},
+        )
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        path.name: (
+            hashlib.sha256(path.read_bytes()).hexdigest()[:12],
+            {"uri": str(path)},
+            "local",
+            {"mlflow.data.context": context},
+        )
+        for path, context in ((train, "training"), (val, "validation"))
+    }
+    tags = run.data.tags
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("luffy train", "LOCAL")
+    assert tags["luffy.version"] == luffy_trainer.__version__
+    package = Path(luffy_trainer.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout, as in development and CI
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    else:
+        assert "mlflow.source.git.commit" not in tags
+
+
+def test_no_commit_is_claimed_outside_a_git_checkout(tmp_path, monkeypatch):
+    package = tmp_path / "site-packages" / "luffy_trainer"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(luffy_trainer, "__file__", str(package / "__init__.py"))
+    assert source_commit() is None

@@ -73,6 +73,9 @@ def test_short_run_logs_params_metrics_and_model(short_training_run):
     assert run.data.metrics["reward/off_policy"] == 1.0
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "config" in artifacts
+    inputs = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert inputs == {("train.parquet", "training"), ("val.parquet", "validation")}
+    assert run.data.tags["mlflow.source.name"] == "luffy train"
     version = client.get_model_version_by_alias("tiny-luffy", "candidate")
     assert result.model_version == version.version
     assert version.run_id == result.run_id

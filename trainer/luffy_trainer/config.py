@@ -11,7 +11,7 @@ Defaults reproduce the released LUFFY main run (Qwen2.5-Math-7B, 8 GPUs); see RE
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,7 +31,17 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem the user fixes (a config, a data file, a server address, a model directory), not a bug: the CLI
+    prints its message, which names the field, file or URL, and exits non-zero without a traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's (often multi-line) error message on one line, to quote inside a UserError."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class ConfigError(UserError):
     """A configuration that cannot be loaded; the message names each offending field by its full dotted path."""
 
 
@@ -283,12 +293,20 @@ class CheckpointConfig(Section):
     )
 
 
-class TrackingConfig(Section):
-    """MLflow tracking. Environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID win."""
+class TrackingServerConfig(Section):
+    """Which MLflow server, experiment and run name; shared by training and `luffy eval`."""
 
     tracking_uri: str | None = Field(None, description="MLflow server URI; null: a local store in the working dir.")
     experiment_name: str = Field("luffy", description="MLflow experiment.")
     run_name: str | None = Field(None, description="MLflow run name.")
+    connect_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        120.0, description="How long to retry an unreachable tracking server before failing."
+    )
+
+
+class TrackingConfig(TrackingServerConfig):
+    """MLflow tracking. Environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID win."""
+
     log_model: bool = Field(True, description="Log the final model as an MLflow transformers model.")
     registered_model_name: str | None = Field(None, description="Register the final model under this name.")
     registered_model_alias: str | None = Field(None, description="Alias pointed at the final model's version.")
@@ -358,12 +376,15 @@ def format_validation_error(err: ValidationError, source: str | None = None) -> 
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str | None = None) -> TrainConfig:
-    """Validate a config mapping, raising ConfigError with full field paths."""
+AnyConfig = TypeVar("AnyConfig", bound=Section)
+
+
+def parse_config(data: dict[str, Any], source: str | None = None, model: type[AnyConfig] = TrainConfig) -> AnyConfig:
+    """Validate a config mapping as `model` (a training run unless told), raising ConfigError with full field paths."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid configuration{' in ' + source if source else ''}: expected a mapping")
     try:
-        return TrainConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 
@@ -399,8 +420,12 @@ def _existing_spelling(node: dict[str, Any], key: str) -> str:
     return next((k for k in node if to_snake(k) == to_snake(key)), key)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a YAML config file, apply `dotted.key=value` overrides, validate."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, model: type[AnyConfig] = TrainConfig
+) -> AnyConfig:
+    """Load a YAML config file (none: the defaults), apply `dotted.key=value` overrides, validate as `model`."""
+    if path is None:
+        return parse_config(apply_overrides({}, overrides or []), source="--set overrides", model=model)
     path = Path(path)
     try:
         text = path.read_text()
@@ -412,7 +437,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
-    return parse_config(apply_overrides(data, overrides or []), source=str(path))
+    return parse_config(apply_overrides(data, overrides or []), source=str(path), model=model)
 
 
 def dump_config(config: TrainConfig) -> str:

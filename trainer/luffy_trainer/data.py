@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from luffy_trainer.config import DataConfig
+from luffy_trainer.config import DataConfig, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class _ColumnSpec:
         else:
             self.column, *self.keys = self.name.split(".")
         if self.column not in present:
-            raise ValueError(
+            raise UserError(
                 f"column {self.column!r} ({self.setting} = {self.name!r}) not found in {path}; "
                 f"columns present: {', '.join(present) or '(none)'}"
             )
@@ -100,9 +100,9 @@ class _ColumnSpec:
             if value is None:
                 return None
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: column {self.column!r} is not a struct, cannot read {self.name!r}")
+                raise UserError(f"{where}: column {self.column!r} is not a struct, cannot read {self.name!r}")
             if key not in value:
-                raise ValueError(f"{where}: column {self.column!r} has no key {key!r} (for {self.setting})")
+                raise UserError(f"{where}: column {self.column!r} has no key {key!r} (for {self.setting})")
             value = value[key]
         return value
 
@@ -114,14 +114,14 @@ def _open_file(path: Path) -> tuple[list[str], RowReader]:
     """Column names of a parquet file, a JSON-lines file or a `datasets` directory, and a reader of the rows (dicts)
     restricted to given columns, so wide unused columns (per-token teacher probabilities, say) are never loaded."""
     if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise UserError(f"data file {path} does not exist")
     if path.is_dir():
         import datasets
 
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if len(loaded) != 1:
-                raise ValueError(
+                raise UserError(
                     f"{path} holds several splits ({', '.join(loaded)}); point the data files at one of them, "
                     f"e.g. {path / next(iter(loaded))}"
                 )
@@ -141,15 +141,15 @@ def _open_file(path: Path) -> tuple[list[str], RowReader]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(
+                    raise UserError(
                         f"{path} line {line_no} is not valid JSON ({exc.msg}); expected JSON lines"
                     ) from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path} line {line_no} is not a JSON object")
+                    raise UserError(f"{path} line {line_no} is not a JSON object")
                 present.update(dict.fromkeys(row))
                 rows.append(row)
         return list(present), lambda columns: [{c: row.get(c) for c in columns} for row in rows]
-    raise ValueError(
+    raise UserError(
         f"unsupported data file {path}: expected a .parquet file, a .jsonl/.json (JSON lines) file or a directory "
         f"written by datasets.save_to_disk"
     )
@@ -165,21 +165,21 @@ def _trace_content(value: Any, where: str) -> str | None:
         if not value:
             return None
         if len(value) > 1:
-            raise ValueError(f"{where}: target holds {len(value)} messages; expected one assistant message")
+            raise UserError(f"{where}: target holds {len(value)} messages; expected one assistant message")
         value = value[0]
     if value is None:
         return None
     if not isinstance(value, dict) or "content" not in value:
-        raise ValueError(f"{where}: target must be a message dict with 'content', got {type(value).__name__}")
+        raise UserError(f"{where}: target must be a message dict with 'content', got {type(value).__name__}")
     return _text(value["content"])
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: prompt must be a non-empty list of chat messages, got {type(value).__name__}")
+        raise UserError(f"{where}: prompt must be a non-empty list of chat messages, got {type(value).__name__}")
     for message in value:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: each prompt message needs 'role' and 'content', got {message!r}")
+            raise UserError(f"{where}: each prompt message needs 'role' and 'content', got {message!r}")
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
@@ -202,13 +202,13 @@ def _parse_rows(path: Path, data: DataConfig, require_traces: bool) -> list[_Row
         else:
             question = _text(prompt.get(record, where))
             if question is None:
-                raise ValueError(f"{where}: {prompt.setting} ({prompt.name!r}) is empty")
+                raise UserError(f"{where}: {prompt.setting} ({prompt.name!r}) is empty")
             system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt is not None else []
             messages = [*system, {"role": "user", "content": question}]
             trace_text = _text(trace.get(record, where)) if trace else None
         ground_truth = _text(truth.get(record, where))
         if ground_truth is None:
-            raise ValueError(f"{where}: {truth.setting} ({truth.name!r}) is empty")
+            raise UserError(f"{where}: {truth.setting} ({truth.name!r}) is empty")
         source = record.get("data_source")
         rows.append(_Row(where, messages, ground_truth, trace_text or None, str(source) if source else path.stem))
     return rows
@@ -236,7 +236,7 @@ def _over_limit(data: DataConfig, what: str, where: str, length: int) -> bool:
     if length <= limit:
         return False
     if getattr(data, policy) == "error":
-        raise ValueError(
+        raise UserError(
             f"{where}: {what} has {length} tokens, over data.{setting} = {limit} "
             f"(data.{policy} = 'drop' skips such rows)"
         )
@@ -251,11 +251,11 @@ def load_examples(files: list[str], data: DataConfig, tokenizer, *, require_trac
     (validation sets, GRPO). Prompts over `data.max_prompt_length` follow `data.overlong_prompt`.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; traces must end with one")
+        raise UserError("the tokenizer has no EOS token; traces must end with one")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; prompts are built with it")
+        raise UserError("the tokenizer has no chat template; prompts are built with it")
     if not files:
-        raise ValueError("no data files given")
+        raise UserError("no data files given")
     stats = LoadStats()
     examples: list[Example] = []
     shared = _SharedInts(len(tokenizer))
@@ -312,7 +312,11 @@ def load_examples(files: list[str], data: DataConfig, tokenizer, *, require_trac
         stats.dropped_missing_trace,
     )
     if not examples:
-        raise ValueError(f"no usable rows in {', '.join(files)}: {stats}")
+        raise UserError(
+            f"no usable rows in {', '.join(files)}: of {stats.rows_read} read, {stats.dropped_overlong_prompt} have a "
+            f"prompt over data.max_prompt_length = {data.max_prompt_length}, {stats.dropped_overlong_trace} a trace "
+            f"over data.max_response_length = {data.max_response_length}, {stats.dropped_missing_trace} no trace"
+        )
     return LoadedData(examples, stats)
 
 

@@ -1,10 +1,11 @@
 """`luffy eval`: score a model on local benchmark files, as LUFFY evaluates (§3 of the algorithm notes).
 
-The system message is removed and the model's own chat template applied; k answers are sampled per problem
-(temperature 0.6, top-p 1.0, 8192 tokens by default) with the configured rollout backend; each is graded with the
-math reward or the multiple-choice grader; avg@k and pass@k are reported per benchmark (data source) and averaged
-over benchmarks. Results go to a directory (JSON, Markdown, every generation as JSON lines) and, when a tracking
-server is configured, to MLflow.
+`luffy eval CONFIG.yaml --set key=value` reads an EvalConfig (examples/eval-paper-math.yaml), loaded and overridden
+as `luffy train` loads its config. The system message is removed and the model's own chat template applied; k answers
+are sampled per problem (temperature 0.6, top-p 1.0, 8192 tokens by default) with the configured rollout backend;
+each is graded with the math reward or the multiple-choice grader; avg@k and pass@k are reported per benchmark (data
+source) and averaged over benchmarks. Results go to a directory (JSON, Markdown, every generation as JSON lines) and,
+when a tracking server is configured, to MLflow.
 """
 
 from __future__ import annotations
@@ -15,20 +16,141 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from luffy_trainer.config import ConfigError, DataConfig, TrainConfig, parse_config
+from pydantic import Field, model_validator
+
+from luffy_trainer.config import (
+    ConfigError,
+    DataConfig,
+    DataFormat,
+    FlatColumns,
+    LuffyColumns,
+    ModelConfig,
+    NonNegativeFloat,
+    OptimizationConfig,
+    OverlongPolicy,
+    PositiveInt,
+    RewardConfig,
+    RolloutConfig,
+    Section,
+    TrackingConfig,
+    TrackingServerConfig,
+    TrainConfig,
+    UserError,
+    load_config,
+)
 from luffy_trainer.evaluation import EvalResult, choose_graders, evaluate
 from luffy_trainer.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRADER = "math_verify"
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 GENERATIONS = "generations.jsonl"
+
+
+class EvalDataConfig(Section):
+    """The benchmark files and how their rows are read (the formats of training data)."""
+
+    files: list[str] = Field(min_length=1, description="Parquet, JSONL or `datasets` directories with the problems.")
+    names: list[str] = Field(
+        default_factory=list,
+        description="Benchmark name of each file, in order; default: its data_source column, else the file name.",
+    )
+    format: DataFormat = Field("luffy", description="`luffy`: the released verl schema; `flat`: named columns.")
+    luffy_columns: LuffyColumns = Field(default_factory=LuffyColumns)
+    flat_columns: FlatColumns = Field(default_factory=FlatColumns)
+    max_prompt_length: PositiveInt = Field(1024, description="Longest templated prompt, in tokens.")
+    overlong_prompt: OverlongPolicy = Field("error", description="What to do with a problem over maxPromptLength.")
+    keep_system_prompt: bool = Field(False, description="Keep system messages (LUFFY removes them).")
+    distinct: bool = Field(
+        False, description="Keep one row per distinct problem (LUFFY's released file repeats AIME/AMC rows 32 times)."
+    )
+    limit: PositiveInt | None = Field(None, description="Evaluate the first N problems of each benchmark.")
+
+    @model_validator(mode="after")
+    def _one_name_per_file(self) -> EvalDataConfig:
+        if self.names and len(self.names) != len(self.files):
+            raise ValueError(
+                f"names has {len(self.names)} entries for {len(self.files)} files: one per file, in order, or none"
+            )
+        return self
+
+
+class EvalRolloutConfig(RolloutConfig):
+    """The rollout section, with the paper's evaluation sampling as defaults."""
+
+    temperature: NonNegativeFloat = Field(0.6, description="Sampling temperature.")
+    max_tokens: PositiveInt = Field(8192, description="Longest answer, in tokens.")
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.9, description="Fraction of GPU memory the in-process vLLM engine may take."
+    )
+
+
+class EvalTrackingConfig(TrackingServerConfig):
+    """MLflow logging of the results: a new run of `experimentName`, or the existing run `runId` (the model's
+    training run, say) at `step`. MLFLOW_TRACKING_URI and MLFLOW_RUN_ID win."""
+
+    tracking_uri: str | None = Field(None, description="MLflow server URI; null: results are only written to files.")
+    experiment_name: str = Field("luffy-eval", description="MLflow experiment of a new run.")
+    run_id: str | None = Field(None, description="Log into this existing run instead of a new one.")
+    step: int = Field(0, description="MLflow step of the metrics (the checkpoint's training step).")
+
+
+class EvalConfig(Section):
+    """An evaluation: `luffy eval CONFIG` reads one of these."""
+
+    model: ModelConfig = Field(description="The model to score; its tokenizer and chat template are used.")
+    data: EvalDataConfig
+    rollout: EvalRolloutConfig = Field(default_factory=EvalRolloutConfig)
+    reward: RewardConfig = Field(
+        default_factory=RewardConfig,
+        description="Grading: `name` grades math answers (multiple-choice benchmarks get multiple_choice).",
+    )
+    samples: PositiveInt = Field(1, description="Samples per problem: the k of avg@k and pass@k.")
+    samples_per_benchmark: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="Benchmark name -> its own samples per problem."
+    )
+    pass_at: list[PositiveInt] = Field(default_factory=list, description="Also report pass@j for each j below k.")
+    graders: dict[str, str] = Field(
+        default_factory=dict,
+        description="Benchmark name -> the registered reward that grades it, instead of the automatic choice.",
+    )
+    seed: int = Field(47, description="Sampling seed.")
+    output_dir: str = Field("eval_results", description="Directory of results.json, results.md, generations.jsonl.")
+    tracking: EvalTrackingConfig = Field(default_factory=EvalTrackingConfig)
+
+    @model_validator(mode="after")
+    def _pass_at_below_some_k(self) -> EvalConfig:
+        most = max([self.samples, *self.samples_per_benchmark.values()])
+        if any(j > most for j in self.pass_at):
+            raise ValueError(f"pass_at {max(self.pass_at)} exceeds every sample count (samples, samplesPerBenchmark)")
+        return self
+
+    def train_view(self) -> TrainConfig:
+        """These settings as a TrainConfig, so the rollout factory, the data loader and the tracker read what
+        training reads."""
+        d = self.data
+        data = DataConfig(
+            train_files=d.files,
+            format=d.format,
+            luffy_columns=d.luffy_columns,
+            flat_columns=d.flat_columns,
+            max_prompt_length=d.max_prompt_length,
+            max_response_length=self.rollout.max_tokens,
+            overlong_prompt=d.overlong_prompt,
+        )
+        server = self.tracking.model_dump(include=set(TrackingServerConfig.model_fields))
+        return TrainConfig(
+            model=self.model,
+            data=data,
+            rollout=self.rollout,
+            reward=self.reward,
+            optimization=OptimizationConfig(seed=self.seed),
+            tracking=TrackingConfig(**server, system_metrics=False, log_model=False),
+        )
 
 
 class WithoutSystemMessages:
@@ -57,85 +179,22 @@ class WithoutSystemMessages:
         )
 
 
-def eval_config(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings as a TrainConfig, so the rollout factory and the data loader read what training reads."""
-    data: dict[str, Any] = {
-        "train_files": args.benchmark,
-        "val_files": args.benchmark,
-        "format": args.format,
-        "max_prompt_length": args.max_prompt_length,
-        "max_response_length": args.max_tokens,
-        "overlong_prompt": "error",
-    }
-    if args.format == "flat":
-        data["flat_columns"] = {"question": args.question_column, "answer": args.answer_column}
-    return parse_config(
-        {
-            "model": {"path": args.model, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code},
-            "data": data,
-            "rollout": {
-                "backend": args.backend,
-                "server_urls": args.server_url,
-                "temperature": args.temperature,
-                "top_p": args.top_p,
-                "max_tokens": args.max_tokens,
-                "gpu_memory_utilization": args.gpu_memory_utilization,
-                "tensor_parallel_size": args.tensor_parallel_size,
-                "enforce_eager": args.enforce_eager,
-                "max_model_len": args.max_model_len,
-            },
-            "reward": {"name": DEFAULT_GRADER, "timeout_s": args.grade_timeout, "num_workers": args.grader_workers},
-            "validation": {
-                "samples_per_prompt": parse_samples(args.samples, [])[0],
-                "temperature": args.temperature,
-                "top_p": args.top_p,
-                "max_tokens": args.max_tokens,
-            },
-            "optimization": {"seed": args.seed},
-            "tracking": {
-                "tracking_uri": args.tracking_uri,
-                "experiment_name": args.experiment,
-                "run_name": args.run_name,
-                "system_metrics": False,
-                "log_model": False,
-            },
-        },
-        source="luffy eval arguments",
-    )
-
-
-def load_benchmarks(
-    files: list[str],
-    data_sources: list[str],
-    data: DataConfig,
-    tokenizer: Any,
-    limit: int | None,
-    distinct: bool = False,
-) -> list[Any]:
-    """Every file's problems in order, with `--data-source` names applied, repeated rows dropped with `distinct`, and
-    at most `limit` per benchmark."""
+def load_benchmarks(config: EvalConfig, data: DataConfig, tokenizer: Any) -> list[Any]:
+    """Every file's problems in order, with `data.names` applied, repeated rows dropped with `data.distinct`, and at
+    most `data.limit` per benchmark."""
     from luffy_trainer.data import load_examples
 
-    if data_sources and len(data_sources) != len(files):
-        raise ConfigError(
-            f"--data-source was given {len(data_sources)} times for {len(files)} --benchmark files; "
-            "give it once per --benchmark, in the same order, or not at all"
-        )
+    d = config.data
     examples, taken, seen = [], Counter(), set()
-    for i, file in enumerate(files):
-        try:
-            loaded = load_examples([file], data, tokenizer, require_traces=False).examples
-        except (OSError, ValueError) as exc:
-            hint = "; raise --max-prompt-length" if "max_prompt_length" in str(exc) else ""
-            raise ConfigError(f"--benchmark {file}: {exc}{hint}") from None
-        for ex in loaded:
-            if data_sources:
-                ex.data_source = data_sources[i]
+    for i, file in enumerate(d.files):
+        for ex in load_examples([file], data, tokenizer, require_traces=False).examples:
+            if d.names:
+                ex.data_source = d.names[i]
             problem = (ex.data_source, ex.prompt_text, ex.ground_truth)
-            if distinct and problem in seen:
+            if d.distinct and problem in seen:
                 continue
             seen.add(problem)
-            if limit is None or taken[ex.data_source] < limit:
+            if d.limit is None or taken[ex.data_source] < d.limit:
                 taken[ex.data_source] += 1
                 examples.append(ex)
     return examples
@@ -150,62 +209,34 @@ def distinct_problems(examples: list[Any]) -> dict[str, int]:
     return {source: len(pairs) for source, pairs in seen.items()}
 
 
-def parse_samples(items: list[str], sources: list[str]) -> tuple[int, dict[str, int]]:
-    """`--samples K` (every benchmark) and `--samples BENCHMARK=K`: the default k (1 unless given) and the overrides.
-    With `sources` empty, benchmark names are not checked yet (they are known once the files are read)."""
-    default, per_source = 1, {}
-    for item in items:
-        source, sep, raw = item.rpartition("=")
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConfigError(f"--samples {item}: expected K or BENCHMARK=K with K a positive integer")
-        if sep and sources and source not in sources:
-            raise ConfigError(f"--samples {item}: no benchmark {source!r}; benchmarks: {', '.join(sources)}")
-        if sep:
-            per_source[source] = value
-        else:
-            default = value
-    return default, per_source
-
-
-def parse_graders(items: list[str], sources: list[str]) -> dict[str, str]:
-    """`--grader NAME` (every benchmark) and `--grader BENCHMARK=NAME`, as benchmark -> registered reward name."""
+def check_benchmarks_and_graders(config: EvalConfig, sources: list[str]) -> None:
+    """`samplesPerBenchmark` and `graders` name benchmarks that exist, and every grader is a registered reward."""
     from luffy_trainer.rewards import get_reward
 
-    graders: dict[str, str] = {}
-    for item in items:
-        source, sep, name = item.rpartition("=")
-        if sep and source not in sources:
-            raise ConfigError(f"--grader {item}: no benchmark {source!r}; benchmarks: {', '.join(sources)}")
+    for field, names in (("samples_per_benchmark", config.samples_per_benchmark), ("graders", config.graders)):
+        for name in names:
+            if name not in sources:
+                raise ConfigError(f"{field}.{name}: no benchmark {name!r}; benchmarks: {', '.join(sources)}")
+    rewards = {"reward.name": config.reward.name, **{f"graders.{n}": r for n, r in config.graders.items()}}
+    for field, reward in rewards.items():
         try:
-            get_reward(name)
-        except ValueError as exc:
-            raise ConfigError(f"--grader {item}: {exc}") from None
-        graders.update({source: name} if sep else dict.fromkeys(sources, name))
-    return graders
+            get_reward(reward)
+        except UserError as exc:
+            raise ConfigError(f"{field}: {exc}") from None
 
 
-def results_document(
-    result: EvalResult, args: argparse.Namespace, distinct: dict[str, int], created: str
-) -> dict[str, Any]:
+def results_document(result: EvalResult, config: EvalConfig, distinct: dict[str, int], created: str) -> dict[str, Any]:
     """What results.json holds: the settings, each benchmark's scores and graders, and the average."""
+    r = config.rollout
     return {
-        "model": args.model,
+        "model": config.model.path,
         "created": created,
-        "benchmark_files": args.benchmark,
-        "format": args.format,
-        "system_prompt": "kept" if args.keep_system_prompt else "removed",
-        "backend": args.backend,
+        "benchmark_files": config.data.files,
+        "format": config.data.format,
+        "system_prompt": system_prompt_text(config),
+        "backend": r.backend,
         "samples": result.samples_per_source,
-        "sampling": {
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "max_tokens": args.max_tokens,
-            "seed": args.seed,
-        },
+        "sampling": {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_tokens, "seed": config.seed},
         "benchmarks": {
             source: {
                 **scores,
@@ -221,6 +252,10 @@ def results_document(
     }
 
 
+def system_prompt_text(config: EvalConfig) -> str:
+    return "kept" if config.data.keep_system_prompt else "removed"
+
+
 def samples_text(result: EvalResult) -> str:
     """ "4 sample(s) per problem", or per benchmark when they differ."""
     counts = set(result.samples_per_source.values())
@@ -229,13 +264,13 @@ def samples_text(result: EvalResult) -> str:
     return "samples per problem: " + ", ".join(f"{s} {k}" for s, k in result.samples_per_source.items())
 
 
-def markdown_document(result: EvalResult, args: argparse.Namespace, created: str) -> str:
+def markdown_document(result: EvalResult, config: EvalConfig, created: str) -> str:
+    r = config.rollout
     return (
-        f"# Evaluation of `{args.model}`\n\n"
-        f"{created}: {samples_text(result)}, temperature {args.temperature}, top-p {args.top_p}, "
-        f"at most {args.max_tokens} tokens, backend {args.backend}, system prompt "
-        f"{'kept' if args.keep_system_prompt else 'removed'}. Scores in percent; the average is the unweighted "
-        "mean over benchmarks.\n\n" + result.markdown()
+        f"# Evaluation of `{config.model.path}`\n\n"
+        f"{created}: {samples_text(result)}, temperature {r.temperature}, top-p {r.top_p}, "
+        f"at most {r.max_tokens} tokens, backend {r.backend}, system prompt {system_prompt_text(config)}. "
+        "Scores in percent; the average is the unweighted mean over benchmarks.\n\n" + result.markdown()
     )
 
 
@@ -251,85 +286,65 @@ def write_outputs(result: EvalResult, document: dict[str, Any], markdown: str, o
     return paths
 
 
-@dataclass
-class EvalTracking:
-    """Where results are logged: the tracker, and the existing run to join (with the status it keeps) if any."""
-
-    tracker: MlflowTracker
-    attach: str | None
-    previous_status: str | None
-
-
-def connect_tracking(config: TrainConfig, args: argparse.Namespace) -> EvalTracking:
-    """The MLflow tracker; a run to join (`--run-id` or MLFLOW_RUN_ID) is checked now, before the model loads."""
-    from mlflow.exceptions import MlflowException
-
-    tracker = MlflowTracker(config.tracking, workdir=args.output)
-    attach = os.environ.get("MLFLOW_RUN_ID") or args.run_id
-    previous_status = None
-    if attach:
-        try:
-            previous_status = tracker.client.get_run(attach).info.status
-        except MlflowException as exc:
-            raise ConfigError(f"--run-id {attach}: cannot read this run at {tracker.uri}: {exc}") from None
-    return EvalTracking(tracker, attach, previous_status)
+def connect_tracking(config: EvalConfig, tracking: TrackingConfig) -> MlflowTracker | None:
+    """The MLflow tracker when a server is configured, with the server (and the run to join) reached now, before
+    the model loads; None without a server."""
+    run_id = os.environ.get("MLFLOW_RUN_ID") or config.tracking.run_id
+    if not (os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri):
+        if run_id:
+            raise ConfigError("tracking.run_id needs tracking.tracking_uri (or MLFLOW_TRACKING_URI): which server?")
+        return None
+    tracker = MlflowTracker(tracking, workdir=config.output_dir)
+    tracker.connect(run_id)
+    return tracker
 
 
-def log_to_mlflow(tracking: EvalTracking, args: argparse.Namespace, result: EvalResult, files: list[Path]) -> str:
-    """Params, `eval/<benchmark>/<score>` metrics at `--step`, and the output files as artifacts under
-    `eval/step_<step>/`. A joined run (e.g. the training run of the model) keeps the status it had."""
-    from mlflow.entities import Metric
-
-    tracker = tracking.tracker
+def log_to_mlflow(tracker: MlflowTracker, config: EvalConfig, result: EvalResult, files: list[Path]) -> str:
+    """Params, the benchmark files as `evaluation` datasets, `eval/<benchmark>/<score>` metrics at `tracking.step`,
+    and the output files as artifacts under `eval/step_<step>/`. A joined run (e.g. the training run of the model)
+    keeps its status and source tags."""
+    r, step = config.rollout, config.tracking.step
     params = {
-        "eval.model": args.model,
-        "eval.benchmark_files": ",".join(args.benchmark),
+        "eval.model": config.model.path,
+        "eval.benchmark_files": ",".join(config.data.files),
         "eval.samples": json.dumps(result.samples_per_source, sort_keys=True),
-        "eval.temperature": str(args.temperature),
-        "eval.top_p": str(args.top_p),
-        "eval.max_tokens": str(args.max_tokens),
-        "eval.seed": str(args.seed),
-        "eval.backend": args.backend,
-        "eval.system_prompt": "kept" if args.keep_system_prompt else "removed",
+        "eval.temperature": str(r.temperature),
+        "eval.top_p": str(r.top_p),
+        "eval.max_tokens": str(r.max_tokens),
+        "eval.seed": str(config.seed),
+        "eval.backend": r.backend,
+        "eval.system_prompt": system_prompt_text(config),
         "eval.graders": json.dumps(result.graders, sort_keys=True),
     }
-    run_id = tracker.start(params, resume_run_id=tracking.attach)
-    status = "FAILED"
+    run_id = tracker.start(params, resume_run_id=config.tracking.run_id)
+    status = tracker.previous_status or "FAILED"
     try:
-        now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, args.step) for name, value in result.metrics("eval").items()]
-        for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per request
-            tracker.client.log_batch(run_id, metrics=metrics[start : start + 900])
+        if tracker.previous_status is None:
+            tracker.log_code_version("luffy eval")
+        tracker.log_datasets({"evaluation": config.data.files})
+        tracker.log_results(step, result.metrics("eval"))
         for path in files:
-            tracker.client.log_artifact(run_id, str(path), artifact_path=f"eval/step_{args.step}")
-        status = tracking.previous_status or "FINISHED"
+            tracker.log_artifact(path, f"eval/step_{step}")
+        status = tracker.previous_status or "FINISHED"
     finally:
-        tracker.finish(status, spill_dir=args.output)
+        tracker.finish(status, spill_dir=config.output_dir)
     return run_id
 
 
 def main(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
+    from luffy_trainer.policy import load_tokenizer
     from luffy_trainer.rewards import RewardPool
     from luffy_trainer.rollout import build_rollout_engine
     from luffy_trainer.rollout.base import SamplingParams
 
-    if args.run_id and not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise ConfigError("--run-id needs --tracking-uri (or MLFLOW_TRACKING_URI): which server holds the run?")
-    default_k, samples_by_name = parse_samples(args.samples, [])
-    if any(j > max([default_k, *samples_by_name.values()]) for j in args.pass_at):
-        raise ConfigError(f"--pass-at {max(args.pass_at)} exceeds every --samples count")
-    config = eval_config(args)
-    tracking = connect_tracking(config, args) if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") else None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--model {args.model}: cannot load its tokenizer: {exc}") from None
-    view = tokenizer if args.keep_system_prompt else WithoutSystemMessages(tokenizer)
-    examples = load_benchmarks(args.benchmark, args.data_source, config.data, view, args.limit, args.distinct)
+    config = load_config(args.config, args.overrides, EvalConfig)
+    view = config.train_view()
+    tracker = connect_tracking(config, view.tracking)
+    tokenizer = load_tokenizer(config.model)
+    templated = tokenizer if config.data.keep_system_prompt else WithoutSystemMessages(tokenizer)
+    examples = load_benchmarks(config, view.data, templated)
     sources = sorted({ex.data_source for ex in examples})
-    samples_by_name = parse_samples(args.samples, sources)[1]
+    check_benchmarks_and_graders(config, sources)
     distinct = distinct_problems(examples)
     for source in sources:
         rows = sum(ex.data_source == source for ex in examples)
@@ -341,21 +356,18 @@ def main(args: argparse.Namespace) -> int:
                 rows,
                 distinct[source],
             )
-    graders = parse_graders(args.grader, sources)
     try:
-        choose_graders(examples, DEFAULT_GRADER, graders)  # fail on bad answers before the model loads
+        choose_graders(examples, config.reward.name, config.graders)  # fail on bad answers before the model loads
     except ValueError as exc:
-        raise ConfigError(f"{exc}: --grader BENCHMARK=REWARD") from None
-    v = config.validation
-    params = SamplingParams(max_tokens=v.max_tokens, temperature=v.temperature, top_p=v.top_p)
-    log.info("evaluating %s on %d problems of %s", args.model, len(examples), sources)
+        raise UserError(str(exc)) from None
+    r = config.rollout
+    params = SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    log.info("evaluating %s on %d problems of %s", config.model.path, len(examples), sources)
+    reward = config.reward
     with RewardPool(
-        config.reward.name,
-        config.reward.num_workers,
-        config.reward.timeout_s,
-        extra_rewards=sorted(set(graders.values())),
+        reward.name, reward.num_workers, reward.timeout_s, extra_rewards=sorted(set(config.graders.values()))
     ) as pool:
-        engine = build_rollout_engine(config, args.model)
+        engine = build_rollout_engine(view, config.model.path)
         try:
             result = evaluate(
                 engine,
@@ -363,22 +375,22 @@ def main(args: argparse.Namespace) -> int:
                 tokenizer,
                 pool,
                 params,
-                v.samples_per_prompt,
-                seed=config.optimization.seed,
-                graders=graders,
-                pass_at_j=args.pass_at,
-                samples_per_source=samples_by_name,
+                config.samples,
+                seed=config.seed,
+                graders=config.graders,
+                pass_at_j=config.pass_at,
+                samples_per_source=config.samples_per_benchmark,
             )
         finally:
             engine.close()
         if pool.timeouts:
             log.warning("%d sample(s) took longer than %.0fs to grade and scored 0", len(pool.timeouts), pool.timeout_s)
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    markdown = markdown_document(result, args, created)
-    files = write_outputs(result, results_document(result, args, distinct, created), markdown, Path(args.output))
+    markdown = markdown_document(result, config, created)
+    document = results_document(result, config, distinct, created)
+    files = write_outputs(result, document, markdown, Path(config.output_dir))
     print(result.markdown(), end="")
     print(f"results: {files[0]}, {files[1]}; generations: {files[2]}")
-    if tracking is not None:
-        run_id = log_to_mlflow(tracking, args, result, files)
-        print(f"MLflow run: {run_id}")
+    if tracker is not None:
+        print(f"MLflow run: {log_to_mlflow(tracker, config, result, files)}")
     return 0

@@ -149,7 +149,7 @@ def choose_graders(examples: Sequence[Any], default: str, graders: Mapping[str, 
             raise ValueError(
                 f"benchmark {source!r} problem {position[source]}: ground truth {ex.ground_truth!r} is not an option "
                 f"label (A-Z or 1-9) for multiple-choice grading; to grade the benchmark as math, set its grader "
-                f"to math_verify ({source}=math_verify)"
+                f"to math_verify (--set graders.{source}=math_verify)"
             )
         position[source] += 1
         names.append(name)

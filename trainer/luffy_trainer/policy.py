@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from luffy_trainer.config import TrainConfig
+from luffy_trainer.config import ModelConfig, TrainConfig, UserError, one_line
 from luffy_trainer.distributed import World, all_reduce_max, all_reduce_sum, shard_model
 from luffy_trainer.groups import Sample, TensorBatch, collate, split_microbatches, split_minibatches
 from luffy_trainer.logprobs import token_logprobs
@@ -58,18 +58,31 @@ class PolicyModel(nn.Module):
         return list(self.lm.get_decoder().layers)
 
 
+def load_tokenizer(cfg: ModelConfig):
+    """The model directory's tokenizer; a directory it cannot be read from is the user's to fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path {cfg.path}: cannot load its tokenizer: {one_line(exc)}") from None
+
+
 def build_policy(config: TrainConfig, world: World, device: torch.device):
     """Load tokenizer and model; shard with FSDP2 on several ranks or a GPU. Returns (tokenizer, PolicyModel)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     cfg = config.model
-    tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     sharded = world.distributed or device.type == "cuda"
     # Sharded runs keep a float32 master copy and compute in the configured dtype (FSDP2 mixed precision).
     load_dtype = torch.float32 if sharded else TORCH_DTYPES[cfg.dtype]
-    lm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=load_dtype, trust_remote_code=cfg.trust_remote_code)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=load_dtype, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path {cfg.path}: cannot load its weights: {one_line(exc)}") from None
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -29,6 +29,8 @@ from typing import Any
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
+from luffy_trainer.config import UserError
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str], float]
@@ -82,7 +84,7 @@ def get_reward(name: str) -> RewardFn:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY)) or "(none)"
-        raise ValueError(f"unknown reward {name!r} (reward.name); registered rewards: {known}") from None
+        raise UserError(f"unknown reward {name!r}; registered rewards: {known}") from None
 
 
 def final_answer(response: str) -> str | None:

@@ -8,15 +8,18 @@ and skips steps that run already has, so no step is logged twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections import deque
 from pathlib import Path
 
-from luffy_trainer.config import TrackingConfig
+import luffy_trainer
+from luffy_trainer.config import TrackingConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ STEP_MARKER = "progress/step"
 FLUSH_INTERVAL_S = 2.0
 METRICS_PER_REQUEST = 900  # MLflow accepts at most 1000 metrics per log_batch
 PARAM_VALUE_MAX_CHARS = 6000  # MLflow's limit on a param value
+LUFFY_VERSION_TAG = "luffy.version"
 
 
 def resolve_tracking_uri(config: TrackingConfig, workdir: str | Path = ".") -> str:
@@ -36,9 +40,9 @@ def resolve_tracking_uri(config: TrackingConfig, workdir: str | Path = ".") -> s
 
 
 class MlflowTracker:
-    """One MLflow run of a training: params, buffered step metrics, artifacts, the final model."""
+    """One MLflow run of a training (or an evaluation): params, buffered step metrics, artifacts, the final model."""
 
-    def __init__(self, config: TrackingConfig, *, workdir: str | Path = ".", connect_timeout_s: float = 120.0) -> None:
+    def __init__(self, config: TrackingConfig, *, workdir: str | Path = ".") -> None:
         from mlflow.tracking import MlflowClient
 
         # Our own thread retries failed metric batches; keep each HTTP attempt short so shutdown stays bounded.
@@ -51,8 +55,8 @@ class MlflowTracker:
         if self.uri.startswith("sqlite:"):
             self.artifact_location = (Path(workdir) / "mlartifacts").resolve().as_uri()
         self.client = MlflowClient(self.uri)
-        self.connect_timeout_s = connect_timeout_s
         self.run_id: str | None = None
+        self.previous_status: str | None = None  # of an existing run this tracker attached to, before it did
         self.last_logged_step = -1
         self._queue: deque[tuple[int, dict[str, float], int]] = deque()
         self._lock = threading.Lock()  # guards the queue
@@ -87,6 +91,7 @@ class MlflowTracker:
     def _open_run(self, run_id: str | None) -> str:
         if run_id:
             run = self.client.get_run(run_id)
+            self.previous_status = run.info.status
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
@@ -115,20 +120,32 @@ class MlflowTracker:
         for i in range(0, len(new), 90):
             self.client.log_batch(self.run_id, params=new[i : i + 90])
 
+    def connect(self, run_id: str | None = None) -> None:
+        """Reach the server (and read run `run_id`) now, so that a wrong address or run id fails before hours of
+        work whose results could then not be logged."""
+        try:
+            if run_id:
+                self._retry_until_reachable(lambda: self.client.get_run(run_id), f"read run {run_id}")
+            else:
+                self._retry_until_reachable(lambda: self.client.search_experiments(max_results=1), "list experiments")
+        except RuntimeError as exc:  # refused: no such run, no permission
+            raise UserError(str(exc)) from None
+
     def _retry_until_reachable(self, action, what: str):
-        deadline = time.monotonic() + self.connect_timeout_s
+        timeout_s = self.config.connect_timeout_s
+        deadline = time.monotonic() + timeout_s
         delay = 1.0
         while True:
             try:
                 return action()
             except Exception as exc:
                 if not _is_transient(exc):
-                    raise RuntimeError(f"MLflow at {self.uri} refused to {what}: {exc}") from exc
+                    raise RuntimeError(f"MLflow at {self.uri} refused to {what}: {_short(exc)}") from exc
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
+                    raise UserError(
                         f"cannot reach the MLflow tracking server at {self.uri} to {what} "
-                        f"(tried for {self.connect_timeout_s:.0f}s): {exc}"
-                    ) from exc
+                        f"(tried for {timeout_s:g} s, tracking.connect_timeout_s): {_short(exc)}"
+                    ) from None
                 log.warning("MLflow at %s unreachable (%s); retrying in %.0fs", self.uri, _short(exc), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
@@ -223,6 +240,57 @@ class MlflowTracker:
 
     # --- artifacts and model ---------------------------------------------------------------------------------------
 
+    def log_results(self, step: int, metrics: dict[str, float]) -> None:
+        """Send the metrics of one step now, unqueued and without the step marker: results (of an evaluation) logged
+        into any run, even a training run past `step`, which a resumed training then does not mistake for progress."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), METRICS_PER_REQUEST):
+            chunk = batch[i : i + METRICS_PER_REQUEST]
+            self._retry_until_reachable(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "log metrics")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._retry_until_reachable(
+            lambda: self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path), "log an artifact"
+        )
+
+    def log_datasets(self, files_by_context: dict[str, list[str]]) -> None:
+        """Each data file as an MLflow dataset input (its name, content digest and path, the context as the
+        `mlflow.data.context` tag), so the runs table says what a run was trained, validated or scored on."""
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for context, files in files_by_context.items():
+            for file in files:
+                path = Path(file).resolve()
+                source = get_dataset_source_from_json(json.dumps({"uri": str(path)}), source_type="local")
+                dataset = MetaDataset(source, name=path.name, digest=content_digest(path))
+                tag = InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)
+                inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag]))
+        if inputs:
+            self._retry_until_reachable(lambda: self.client.log_inputs(self.run_id, datasets=inputs), "log datasets")
+
+    def log_code_version(self, entry_point: str) -> None:
+        """The standard source tags (entry point, git commit when luffy runs from a git checkout) and luffy's version,
+        so a run says which code produced it."""
+        from mlflow.entities import SourceType
+        from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+        tags = {
+            MLFLOW_SOURCE_NAME: entry_point,
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+            LUFFY_VERSION_TAG: luffy_trainer.__version__,
+        }
+        commit = source_commit()
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+        self.set_tags(tags)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self._retry_until_reachable(lambda: self.client.log_text(self.run_id, text, artifact_file), "log an artifact")
 
@@ -285,6 +353,39 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, _short(exc))
+
+
+def content_digest(path: Path) -> str:
+    """12 hex digits of the SHA-256 of a file's bytes, or for a directory of each file's relative path and bytes."""
+    digest = hashlib.sha256()
+
+    def feed(file: Path) -> None:
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode())
+            feed(file)
+    else:
+        feed(path)
+    return digest.hexdigest()[:12]
+
+
+def source_commit() -> str | None:
+    """The git commit of the luffy source tree when this package runs from a git checkout (not merely from a
+    directory inside some repository, such as a virtual environment in one); None otherwise."""
+    package = Path(luffy_trainer.__file__).parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    return git("rev-parse", "HEAD") if git("ls-files", "--error-unmatch", "__init__.py") else None
 
 
 def metric_name(name: str) -> str:

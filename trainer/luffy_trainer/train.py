@@ -204,6 +204,8 @@ class LuffyTrainer:
         self.run_id = self.tracker.start(flatten_config(cfg), resume_run_id=resumed.get("run_id") if resumed else None)
         if not resumed:
             self.tracker.log_text(dump_config(cfg), "config/resolved.yaml")
+            self.tracker.log_code_version("luffy train")
+        self.tracker.log_datasets({"training": cfg.data.train_files, "validation": cfg.data.val_files})
         self.status_reporter = LuffyRunStatusReporter.from_env()
         self.reward_pool = RewardPool(cfg.reward.name, cfg.reward.num_workers, cfg.reward.timeout_s)
         if self.algorithm.uses_rollouts or self.val_examples:

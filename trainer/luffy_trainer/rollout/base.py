@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
+from luffy_trainer.config import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,6 +40,11 @@ class Completion:
 
 class RolloutError(RuntimeError):
     """A rollout engine could not answer (no healthy server, a failed weight update...)."""
+
+
+class RolloutUnreachable(RolloutError, UserError):
+    """No rollout server ever answered: a wrong URL or servers not started, which the user fixes (unlike servers
+    that answered once and went down)."""
 
 
 @runtime_checkable

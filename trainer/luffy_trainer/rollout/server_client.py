@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from luffy_trainer.rollout import weight_sync
-from luffy_trainer.rollout.base import Completion, RolloutError, SamplingParams
+from luffy_trainer.rollout.base import Completion, RolloutError, RolloutUnreachable, SamplingParams
 from luffy_trainer.rollout.common import (
     check_request,
     check_version,
@@ -249,7 +249,10 @@ class VLLMServerClient:
                 return None
             if now >= deadline:
                 errors = "; ".join(f"{r.url}: {r.last_error}" for r in self._replicas)
-                raise RolloutError(f"no rollout server became ready within {self._unhealthy_timeout_s:g} s ({errors})")
+                never_answered = all(r.instance is None for r in self._replicas)
+                raise (RolloutUnreachable if never_answered else RolloutError)(
+                    f"no rollout server became ready within {self._unhealthy_timeout_s:g} s ({errors})"
+                )
             next_probe = min(r.next_probe for r in self._replicas)
             time.sleep(max(0.05, min(next_probe - now, deadline - now)))
 
