@@ -126,14 +126,14 @@ def run_directory(run: RunRef, spec: LuffyRunSpec) -> str:
 
 def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
     """The config `luffy train` runs with: the spec's trainer sections plus the paths of the pods, the rollout
-    servers' URLs and the address they reach trainer rank 0 at for weight sync. Complete: the trainer needs nothing
-    else from the operator but its identity and secrets (environment)."""
+    servers' URLs and the address they reach trainer rank 0 at for weight sync. Complete: the environment adds only
+    the pod's identity and rank, the MLflow run the operator created, and secrets (trainer_env)."""
     root = run_directory(run, spec)
     tracking = TrackingConfig()
     if spec.mlflow is not None:
         fields = spec.mlflow.model_dump(exclude={"credentials_secret"})
         tracking = TrackingConfig(**{**fields, "run_name": spec.mlflow.run_name or run.name})
-    servers = {}
+    servers: dict[str, Any] = {}
     if spec.uses_rollouts:
         servers = {
             "server_urls": run.rollout_urls(spec.rollout.replicas),

@@ -2,7 +2,8 @@
 
 Torch-free (pydantic only), because the operator image has no torch. Everything else a trainer pod needs travels in its
 config (the ConfigMap holds a complete `TrainConfig`, rollout server URLs and weight-sync address included); the
-environment carries only what Kubernetes alone knows: the pod's identity and rank, and secrets.
+environment carries what only Kubernetes and the operator's state know: the pod's run and rank, the MLflow run the
+operator created, and secrets (plus MLflow's own tracking URI and experiment variables, equal to the config's).
 """
 
 from __future__ import annotations
