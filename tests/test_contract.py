@@ -129,7 +129,7 @@ def test_the_weight_sync_ports_the_trainer_listens_on_are_the_ones_the_operator_
     assert host == f"{REF.trainer}-0.{pod_spec['subdomain']}.{REF.namespace}.svc"
 
 
-def test_the_environment_carries_only_identity_rank_and_mlflow(pod: Pod) -> None:
+def test_the_environment_carries_only_identity_rank_and_the_mlflow_run(pod: Pod) -> None:
     assert run_identity(pod.env) == (REF.name, REF.namespace)
     assert run_identity({}) is None
     luffy_names = {name for name in pod.env if name.startswith("LUFFY_")}
@@ -142,12 +142,13 @@ def test_the_environment_carries_only_identity_rank_and_mlflow(pod: Pod) -> None
     assert pod.env[contract.ENV_MLFLOW_RUN_ID] == MLFLOW_RUN_ID
 
 
-def test_the_tracking_server_is_the_same_from_env_and_config(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tracking_server_and_experiment_come_from_the_config(pod: Pod, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(contract.ENV_MLFLOW_TRACKING_URI, raising=False)
     config = load_config(pod.path(pod.train_args().config))
-    assert resolve_tracking_uri(config.tracking) == "http://mlflow:5000"  # from the config alone
-    monkeypatch.setenv(contract.ENV_MLFLOW_TRACKING_URI, pod.env[contract.ENV_MLFLOW_TRACKING_URI])
     assert resolve_tracking_uri(config.tracking) == "http://mlflow:5000"
-    assert pod.env[contract.ENV_MLFLOW_EXPERIMENT_NAME] == config.tracking.experiment_name == "exp"
+    assert config.tracking.experiment_name == "exp"
+    assert config.tracking.run_name == REF.name
+    assert contract.ENV_MLFLOW_TRACKING_URI not in pod.env and contract.ENV_MLFLOW_EXPERIMENT_NAME not in pod.env
 
 
 class RecordingApi:

@@ -417,10 +417,6 @@ def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> l
     ]
     if spec.mlflow is not None:
         m = spec.mlflow
-        env += [
-            {"name": contract.ENV_MLFLOW_TRACKING_URI, "value": m.tracking_uri},
-            {"name": contract.ENV_MLFLOW_EXPERIMENT_NAME, "value": m.experiment_name},
-        ]
         if mlflow_run_id:
             env.append({"name": contract.ENV_MLFLOW_RUN_ID, "value": mlflow_run_id})
         if m.credentials_secret is not None:

@@ -3,7 +3,7 @@
 Torch-free (pydantic only), because the operator image has no torch. Everything else a trainer pod needs travels in its
 config (the ConfigMap holds a complete `TrainConfig`, rollout server URLs and weight-sync address included); the
 environment carries what only Kubernetes and the operator's state know: the pod's run and rank, the MLflow run the
-operator created, and secrets (plus MLflow's own tracking URI and experiment variables, equal to the config's).
+operator created, and secrets.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class ProgressStatus(Section):
 ENV_RUN_NAME = "LUFFY_RUN_NAME"  # the pod's own LuffyRun, whose status it reports into
 ENV_RUN_NAMESPACE = "LUFFY_RUN_NAMESPACE"
 ENV_NODE_INDEX = "JOB_COMPLETION_INDEX"  # the trainer pod's index in its Indexed Job: its torchrun node rank
+# MLflow's own variables: the operator sets none of these two (the config's tracking section says the same), and a
+# LuffyRun's env may not set them, but `luffy train` outside a cluster honours them.
 ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_MLFLOW_EXPERIMENT_NAME = "MLFLOW_EXPERIMENT_NAME"
 ENV_MLFLOW_RUN_ID = "MLFLOW_RUN_ID"  # the run the operator created, so every restart logs into the same one

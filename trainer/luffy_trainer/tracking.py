@@ -241,7 +241,7 @@ class MlflowTracker:
         def _log():
             # The fluent API needs a global tracking URI; mlflow.set_tracking_uri would also export it to the
             # environment, where it would outlive this call.
-            previous = os.environ.get("MLFLOW_TRACKING_URI")
+            previous = os.environ.get(contract.ENV_MLFLOW_TRACKING_URI)
             mlflow.set_tracking_uri(self.uri)
             try:
                 with mlflow.start_run(run_id=self.run_id):
