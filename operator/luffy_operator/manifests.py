@@ -35,6 +35,8 @@ MANAGER = "luffy-operator"
 RUN_LABEL = "luffy.dev/run"
 COMPONENT_LABEL = "luffy.dev/component"
 ATTEMPT_ANNOTATION = "luffy.dev/attempt"
+# The rollout size a trainer Job was started with (its config names that many servers); the operator's record, for
+# restarting the trainer when rollout.replicas changes. The trainer reads nothing from it.
 ROLLOUT_REPLICAS_ANNOTATION = "luffy.dev/rollout-replicas"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 

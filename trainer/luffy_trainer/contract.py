@@ -48,13 +48,13 @@ class ProgressStatus(Section):
     updated_time: str | None = Field(None, description="When the trainer last reported (RFC 3339).")
 
 
-# --- environment variables the operator sets on trainer pods -------------------------------------------------------
+# --- environment variables of trainer pods (a LuffyRun's own env may set none of them) ----------------------------
 
 ENV_RUN_NAME = "LUFFY_RUN_NAME"  # the pod's own LuffyRun, whose status it reports into
 ENV_RUN_NAMESPACE = "LUFFY_RUN_NAMESPACE"
 ENV_NODE_INDEX = "JOB_COMPLETION_INDEX"  # the trainer pod's index in its Indexed Job: its torchrun node rank
-# MLflow's own variables: the operator sets none of these two (the config's tracking section says the same), and a
-# LuffyRun's env may not set them, but `luffy train` outside a cluster honours them.
+# MLflow's own variables. The operator sets neither of these two (the config's tracking section carries them); outside
+# a cluster they override the config.
 ENV_MLFLOW_TRACKING_URI = "MLFLOW_TRACKING_URI"
 ENV_MLFLOW_EXPERIMENT_NAME = "MLFLOW_EXPERIMENT_NAME"
 ENV_MLFLOW_RUN_ID = "MLFLOW_RUN_ID"  # the run the operator created, so every restart logs into the same one
