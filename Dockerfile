@@ -44,7 +44,7 @@ RUN --mount=type=bind,source=.,target=/src,rw \
 # The chart runs it as this user too (operator.runAsUser), with a read-only root filesystem.
 USER 65532:65532
 EXPOSE 8080
-ENTRYPOINT ["luffy", "operator"]
+ENTRYPOINT ["luffy-operator", "run"]
 CMD ["--standalone", "--liveness", "http://0.0.0.0:8080/healthz"]
 
 # --- mlflow --------------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ compare: setup
 		--plot docs/quickstart-curves.png
 
 crd: setup
-	$(BIN)/luffy crd > crds/luffyruns.luffy.dev.yaml
+	$(BIN)/python -m luffy_operator.cli crd > crds/luffyruns.luffy.dev.yaml
 
 clean:
 	rm -rf $(VENV) $(VENV312) mlruns runs outputs checkpoints mlflow.db mlartifacts

@@ -8,7 +8,7 @@ What is measured:
     the steady state that follows (each run's timer polls its trainer Job and rollout StatefulSet every 10 s).
 
 How: the shimmed kmock emulator (tests/operator/kmock_shim.py) serves HTTP from a thread of this process; the operator
-runs as its own process (`luffy operator --standalone`, default settings) so its memory is measured alone. The
+runs as its own process (`luffy-operator run --standalone`, default settings) so its memory is measured alone. The
 emulator is in-memory and runs no controllers (the trainer Job is not created, as no rollout becomes ready), so the
 numbers are the operator's own cost plus the emulator's request handling, not a real API server's.
 
@@ -103,11 +103,11 @@ def settled(server: EmulatorServer, expected: dict[str, set[tuple[str, str]]]) -
 
 
 class Operator:
-    """`luffy operator` as a child process, with its liveness endpoint and memory."""
+    """`luffy-operator run` as a child process, with its liveness endpoint and memory."""
 
     def __init__(self, kubeconfig: Path, port: int, log: Path) -> None:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-        cmd = [str(Path(sys.executable).parent / "luffy"), "operator", "--standalone"]
+        cmd = [sys.executable, "-m", "luffy_operator.cli", "run", "--standalone"]
         cmd += ["--liveness", f"http://127.0.0.1:{port}/healthz"]
         self.log = log
         with log.open("w") as out:

@@ -86,7 +86,6 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir, ti
     push their sharded weights to it every step, validate, keep the best model, and the server ends up serving exactly
     the saved final model."""
     import json
-    import os
     import urllib.request
 
     import yaml
@@ -105,12 +104,12 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir, ti
         validation={"everySteps": 1, "samplesPerPrompt": 1, "maxTokens": 16},
         tracking={"trackingUri": f"sqlite:///{tmp_path}/mlflow.db", "logModel": False},
     )
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     server = LocalRolloutServer(tiny_model_dir, free_port(), log_path=tmp_path / "server.log", max_model_len=128)
+    config["rollout"].update(serverUrls=[server.url], weightSyncPort=free_port())
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     server.start()
     try:
         server.wait_healthy()
-        env = {**os.environ, "LUFFY_ROLLOUT_URLS": server.url, "LUFFY_WEIGHT_SYNC_PORT": str(free_port())}
         proc = subprocess.run(
             [
                 sys.executable,
@@ -124,7 +123,6 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir, ti
                 "train",
                 str(tmp_path / "run.yaml"),
             ],
-            env=env,
             capture_output=True,
             text=True,
             timeout=600,

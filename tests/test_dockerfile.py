@@ -132,11 +132,12 @@ def test_final_user_is_numeric_non_root_and_matches_the_pods(name: str, uid: int
 
 @pytest.mark.parametrize(
     ("name", "entrypoint"),
-    [("operator", ["luffy", "operator"]), ("mlflow", ["mlflow"]), ("trainer", ["luffy"])],
+    [("operator", ["luffy-operator", "run"]), ("mlflow", ["mlflow"]), ("trainer", ["luffy"])],
 )
 def test_entry_points_are_exec_form(name: str, entrypoint: list[str]) -> None:
     stage = STAGES[name]
     assert stage.last("ENTRYPOINT").json and list(stage.last("ENTRYPOINT").value) == entrypoint
+    assert entrypoint[0] == "mlflow" or entrypoint[0] in PYPROJECT["project"]["scripts"]  # luffy's own commands
     assert stage.last("CMD").json
 
 

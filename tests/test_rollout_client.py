@@ -1,4 +1,4 @@
-"""Rollout pieces that need no model: the engine factory and its environment, serve-rollout's command line, and the
+"""Rollout pieces that need no model: the engine factory and its config, serve-rollout's command line, and the
 server client's bounded wait when no replica is up."""
 
 from __future__ import annotations
@@ -7,55 +7,53 @@ import argparse
 import time
 
 import pytest
+from luffy_trainer import contract
 from luffy_trainer.cli import build_parser
 from luffy_trainer.config import TrainConfig
 from luffy_trainer.rollout import RolloutError, SamplingParams, build_rollout_engine, serve
 from luffy_trainer.rollout.factory import rollout_server_urls, weight_sync_address
 from luffy_trainer.rollout.server_client import VLLMServerClient
 from luffy_trainer.rollout.weight_sync import EXTENSION_CLS
+from pydantic import ValidationError
 from rollout_reference import free_port_block
 
 
-def server_config(urls: list[str]) -> TrainConfig:
-    return TrainConfig.model_validate({"rollout": {"backend": "vllm-server", "serverUrls": urls}})
+def server_config(urls: list[str], **rollout) -> TrainConfig:
+    return TrainConfig.model_validate({"rollout": {"backend": "vllm-server", "serverUrls": urls, **rollout}})
 
 
-def test_server_urls_come_from_the_environment_first_then_the_config():
-    config = server_config(["http://a:8000"]).rollout
-    assert rollout_server_urls(config, {}) == ["http://a:8000"]
-    env = {"LUFFY_ROLLOUT_URLS": " http://r-0.svc:8000 ,http://r-1.svc:8000,"}
-    assert rollout_server_urls(config, env) == ["http://r-0.svc:8000", "http://r-1.svc:8000"]
+def test_server_urls_come_from_the_config():
+    config = server_config(["http://r-0.svc:8000", "http://r-1.svc:8000"]).rollout
+    assert rollout_server_urls(config) == ["http://r-0.svc:8000", "http://r-1.svc:8000"]
 
 
 @pytest.mark.parametrize(
-    ("urls", "env", "message"),
+    ("urls", "message"),
     [
-        ([], {}, "needs server URLs: set LUFFY_ROLLOUT_URLS or rollout.server_urls"),
-        (["a:8000"], {}, "rollout.server_urls: 'a:8000' is not an http"),
-        ([], {"LUFFY_ROLLOUT_URLS": "http://a,ftp://b"}, "LUFFY_ROLLOUT_URLS: 'ftp://b' is not an http"),
-        (["http://a", "http://a"], {}, "listed twice"),
+        ([], "needs server URLs: set rollout.server_urls"),
+        (["a:8000"], "rollout.server_urls: 'a:8000' is not an http"),
+        (["http://a", "http://a"], "listed twice"),
     ],
 )
-def test_bad_server_urls_name_their_source(urls, env, message):
+def test_bad_server_urls_name_the_field(urls, message):
     with pytest.raises(RolloutError, match=message):
-        rollout_server_urls(server_config(urls).rollout, env)
+        rollout_server_urls(server_config(urls).rollout)
 
 
 def test_weight_sync_address_defaults_and_validation():
-    assert weight_sync_address(2, {}) == ("127.0.0.1", 29600)
-    env = {"LUFFY_WEIGHT_SYNC_HOST": "trainer-0.run", "LUFFY_WEIGHT_SYNC_PORT": "31000"}
-    assert weight_sync_address(4, env) == ("trainer-0.run", 31000)
-    with pytest.raises(RolloutError, match="LUFFY_WEIGHT_SYNC_PORT='x' is not a port"):
-        weight_sync_address(1, {"LUFFY_WEIGHT_SYNC_PORT": "x"})
+    assert weight_sync_address(server_config([]).rollout, 2) == ("127.0.0.1", contract.WEIGHT_SYNC_PORT)
+    given = server_config([], weightSyncHost="trainer-0.run", weightSyncPort=31000).rollout
+    assert weight_sync_address(given, 4) == ("trainer-0.run", 31000)
+    with pytest.raises(ValidationError, match="weightSyncPort"):
+        server_config([], weightSyncPort="x")
     with pytest.raises(RolloutError, match=r"65535\.\.65536 are not all valid"):
-        weight_sync_address(2, {"LUFFY_WEIGHT_SYNC_PORT": "65535"})
+        weight_sync_address(server_config([], weightSyncPort=65535).rollout, 2)
 
 
-def test_factory_builds_a_server_client_from_config_and_environment(monkeypatch):
+def test_factory_builds_a_server_client_from_the_config():
     base = free_port_block(2)
-    monkeypatch.setenv("LUFFY_ROLLOUT_URLS", "http://127.0.0.1:9,http://127.0.0.1:10")
-    monkeypatch.setenv("LUFFY_WEIGHT_SYNC_PORT", str(base))
-    engine = build_rollout_engine(server_config(["http://ignored:1"]), "unused")
+    config = server_config(["http://127.0.0.1:9", "http://127.0.0.1:10"], weightSyncPort=base)
+    engine = build_rollout_engine(config, "unused")
     try:
         assert isinstance(engine, VLLMServerClient)
         assert [s.url for s in engine.replica_stats()] == ["http://127.0.0.1:9", "http://127.0.0.1:10"]

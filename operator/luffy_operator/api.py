@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
+from luffy_trainer import contract
 from luffy_trainer.config import (
     AlgorithmConfig,
     CheckpointConfig,
@@ -23,19 +24,14 @@ from luffy_trainer.config import (
     OptimizationConfig,
     RewardConfig,
     RolloutConfig,
-    Section,
     TrackingConfig,
     ValidationConfig,
     format_validation_error,
 )
+from luffy_trainer.contract import API_VERSION, KIND, ProgressStatus, Section
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.json_schema import WithJsonSchema
 
-GROUP = "luffy.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "LuffyRun"
-PLURAL = "luffyruns"
 SINGULAR = "luffyrun"
 SHORT_NAMES = ["lr"]
 CATEGORIES = ["luffy", "all"]
@@ -64,16 +60,16 @@ RESERVED_ENV_NAMES = frozenset(
     {
         "MASTER_ADDR",
         "MASTER_PORT",
-        "JOB_COMPLETION_INDEX",
+        contract.ENV_NODE_INDEX,
         "HF_HOME",
         "HOME",
         "VLLM_SERVER_DEV_MODE",
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_EXPERIMENT_NAME",
-        "MLFLOW_RUN_ID",
-        "MLFLOW_TRACKING_USERNAME",
-        "MLFLOW_TRACKING_PASSWORD",
-        "MLFLOW_TRACKING_TOKEN",
+        contract.ENV_MLFLOW_TRACKING_URI,
+        contract.ENV_MLFLOW_EXPERIMENT_NAME,
+        contract.ENV_MLFLOW_RUN_ID,
+        contract.ENV_MLFLOW_USERNAME,
+        contract.ENV_MLFLOW_PASSWORD,
+        contract.ENV_MLFLOW_TOKEN,
     }
 )
 RESERVED_ENV_PREFIXES = ("LUFFY_", "PET_")
@@ -122,7 +118,7 @@ RolloutSampling = derived_section(
     RolloutConfig,
     "RolloutSampling",
     "How on-policy completions are sampled (the trainer's rollout settings).",
-    exclude={"backend", "server_urls"},
+    exclude={"backend", "server_urls", "weight_sync_host", "weight_sync_port"},
 )
 CheckpointSchedule = derived_section(
     CheckpointConfig,
@@ -239,7 +235,7 @@ class TrainerSpec(Section):
     env: EnvList = Field(default_factory=list, description="Extra environment variables.")
     shm_size_limit: Quantity | None = Field(None, description="Size limit of the memory-backed /dev/shm.")
     weight_sync_port: int = Field(
-        29600,
+        contract.WEIGHT_SYNC_PORT,
         ge=1024,
         le=65000,
         description="First port of the weight-sync groups on trainer rank 0 (one per rollout replica).",
@@ -448,15 +444,6 @@ class TrainerStatus(Section):
     ready: int = Field(0, description="Trainer pods ready.")
     succeeded: int = Field(0, description="Trainer pods that finished successfully.")
     failed: int = Field(0, description="Trainer pods that failed in this attempt.")
-
-
-class ProgressStatus(Section):
-    """Training progress, reported by trainer rank 0."""
-
-    step: int = Field(0, description="Last completed training step.")
-    total_steps: int = Field(0, description="Steps the run will take.")
-    reward: float | None = Field(None, description="Mean on-policy reward of the last step.")
-    updated_time: str | None = Field(None, description="When the trainer last reported (RFC 3339).")
 
 
 class MlflowStatus(Section):

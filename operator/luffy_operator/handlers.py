@@ -1,6 +1,6 @@
 """kopf handlers for LuffyRun: thin wrappers around `Controller.reconcile`.
 
-Run with `luffy operator` or `kopf run -m luffy_operator.handlers`. Create, resume (operator start) and spec updates
+Run with `luffy-operator run` or `kopf run -m luffy_operator.handlers`. Create, resume (operator start) and spec updates
 share one idempotent reconcile; a timer repeats it every LUFFY_OPERATOR_RESYNC_SECONDS to follow the children
 (trainer Job, rollout StatefulSet) until the run is finished. One replica only: kopf has no leader election.
 """
@@ -13,8 +13,8 @@ import threading
 from typing import Any
 
 import kopf
+from luffy_trainer.contract import GROUP, PLURAL, VERSION
 
-from luffy_operator.api import GROUP, PLURAL, VERSION
 from luffy_operator.controller import Controller, Outcome
 from luffy_operator.kube import KubeClient, load_api_client
 from luffy_operator.reconcile import ACCEPTED_SPEC_ANNOTATION

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kubernetes
-
-from luffy_operator.api import API_VERSION, KIND, PLURAL
+from luffy_trainer.contract import API_VERSION, KIND, PLURAL
 
 # (apiVersion, kind) -> plural; every kind here is namespaced.
 RESOURCES: dict[tuple[str, str], str] = {

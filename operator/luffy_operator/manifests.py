@@ -1,8 +1,9 @@
 """Pure functions from a LuffyRun to the Kubernetes objects it owns. Nothing here talks to an API server.
 
 Children of run `r` in namespace `ns`:
-  r-config       ConfigMap      the trainer config (/etc/luffy/config.yaml), rollout backend `vllm-server`
-  r-rollout      Service        headless; pods r-rollout-<i>.r-rollout.ns.svc serve vLLM on :8000
+  r-config       ConfigMap      the complete trainer config (/etc/luffy/config.yaml): rollout backend `vllm-server`,
+                                the rollout server URLs and the weight-sync address included
+  r-rollout      Service        headless; pods r-rollout-<i>.r-rollout.ns.svc serve vLLM on contract.ROLLOUT_PORT
   r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness probes on /health)
   r-trainer      Service        headless; r-trainer-0.r-trainer.ns.svc is the torchrun rendezvous and weight-sync host
   r-trainer      Job            Indexed, one pod per node, `torchrun ... -m luffy_trainer.cli train`
@@ -18,13 +19,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from luffy_trainer import contract
 from luffy_trainer.config import CheckpointConfig, RolloutConfig, TrackingConfig, TrainConfig, dump_config
+from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, RENDEZVOUS_PORT, ROLLOUT_PORT
 
 from luffy_operator.api import (
-    API_VERSION,
-    GROUP,
-    KIND,
-    PLURAL,
     CheckpointSchedule,
     LuffyRunSpec,
     RolloutSampling,
@@ -36,6 +35,8 @@ MANAGER = "luffy-operator"
 RUN_LABEL = "luffy.dev/run"
 COMPONENT_LABEL = "luffy.dev/component"
 ATTEMPT_ANNOTATION = "luffy.dev/attempt"
+# The rollout size a trainer Job was started with (its config names that many servers); the operator's record, for
+# restarting the trainer when rollout.replicas changes. The trainer reads nothing from it.
 ROLLOUT_REPLICAS_ANNOTATION = "luffy.dev/rollout-replicas"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
@@ -44,8 +45,6 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_MOUNT = "/checkpoints"
 MODEL_CACHE_MOUNT = "/models"
 HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
-ROLLOUT_PORT = 8000
-RENDEZVOUS_PORT = 29500
 RUN_AS_USER = 1000
 PROBE_PERIOD_SECONDS = 10
 
@@ -128,12 +127,21 @@ def run_directory(run: RunRef, spec: LuffyRunSpec) -> str:
 
 
 def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
-    """The config `luffy train` runs with: the spec's trainer sections plus the paths and backend of the pods."""
+    """The config `luffy train` runs with: the spec's trainer sections plus the paths of the pods, the rollout
+    servers' URLs and the address they reach trainer rank 0 at for weight sync. Complete: the environment adds only
+    the pod's identity and rank, the MLflow run the operator created, and secrets (trainer_env)."""
     root = run_directory(run, spec)
     tracking = TrackingConfig()
     if spec.mlflow is not None:
         fields = spec.mlflow.model_dump(exclude={"credentials_secret"})
         tracking = TrackingConfig(**{**fields, "run_name": spec.mlflow.run_name or run.name})
+    servers: dict[str, Any] = {}
+    if spec.uses_rollouts:
+        servers = {
+            "server_urls": run.rollout_urls(spec.rollout.replicas),
+            "weight_sync_host": run.trainer_rank0_host,
+            "weight_sync_port": spec.trainer.weight_sync_port,
+        }
     return TrainConfig(
         model=spec.model,
         data=spec.data,
@@ -142,7 +150,7 @@ def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
         optimization=spec.optimization,
         validation=spec.validation,
         rollout=RolloutConfig(
-            backend="vllm-server", **spec.rollout.model_dump(include=set(RolloutSampling.model_fields))
+            backend="vllm-server", **servers, **spec.rollout.model_dump(include=set(RolloutSampling.model_fields))
         ),
         checkpoint=CheckpointConfig(
             dir=f"{root}/checkpoints", **spec.checkpoint.model_dump(include=set(CheckpointSchedule.model_fields))
@@ -269,7 +277,7 @@ def _workload_labels(run: RunRef, spec: LuffyRunSpec, component: str) -> dict[st
 def rollout_args(spec: LuffyRunSpec) -> list[str]:
     """`luffy serve-rollout` arguments: vLLM settings from the trainer's rollout section, extra args after `--`."""
     r = spec.rollout
-    max_model_len = r.max_model_len or spec.data.max_prompt_length + spec.data.max_response_length
+    max_model_len = contract.max_model_len(r.max_model_len, spec.data.max_prompt_length, spec.data.max_response_length)
     args = ["serve-rollout", "--model", spec.model.path, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)]
     args += ["--dtype", spec.model.dtype, "--max-model-len", str(max_model_len)]
     args += ["--tensor-parallel-size", str(r.tensor_parallel_size)]
@@ -345,7 +353,7 @@ def weight_sync_ports(spec: LuffyRunSpec) -> list[int]:
     """Ports trainer rank 0 listens on for weight sync, one per rollout replica."""
     if not spec.uses_rollouts:
         return []
-    return [spec.trainer.weight_sync_port + i for i in range(spec.rollout.replicas)]
+    return contract.weight_sync_ports(spec.trainer.weight_sync_port, spec.rollout.replicas)
 
 
 def trainer_service(run: RunRef, spec: LuffyRunSpec) -> Manifest:
@@ -375,7 +383,7 @@ def torchrun_args(run: RunRef, spec: LuffyRunSpec) -> list[str]:
         "--nproc-per-node",
         str(max(t.gpus_per_node, 1)),
         "--node-rank",
-        "$(JOB_COMPLETION_INDEX)",
+        f"$({contract.ENV_NODE_INDEX})",
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
@@ -392,43 +400,33 @@ def torchrun_args(run: RunRef, spec: LuffyRunSpec) -> list[str]:
 
 
 def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> list[dict[str, Any]]:
-    """What the trainer reads from its environment: rendezvous (torchrun's PET_* and MASTER_*), rollout endpoints,
-    weight-sync host/port, MLflow run and credentials, and its own LuffyRun for status reports."""
+    """What only Kubernetes and the operator's state know: the pod's rank and rendezvous (torchrun's PET_* and
+    MASTER_*), its own LuffyRun for status reports, the MLflow run and credentials. The rest is in the config."""
     t = spec.trainer
     index = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
     env: list[dict[str, Any]] = [
-        {"name": "JOB_COMPLETION_INDEX", "valueFrom": index},
+        {"name": contract.ENV_NODE_INDEX, "valueFrom": index},
         {"name": "PET_NNODES", "value": str(t.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(max(t.gpus_per_node, 1))},
-        {"name": "PET_NODE_RANK", "value": "$(JOB_COMPLETION_INDEX)"},
+        {"name": "PET_NODE_RANK", "value": f"$({contract.ENV_NODE_INDEX})"},
         {"name": "PET_MASTER_ADDR", "value": run.trainer_rank0_host},
         {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "MASTER_ADDR", "value": run.trainer_rank0_host},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        {"name": "LUFFY_RUN_NAME", "value": run.name},
-        {"name": "LUFFY_RUN_NAMESPACE", "value": run.namespace},
+        {"name": contract.ENV_RUN_NAME, "value": run.name},
+        {"name": contract.ENV_RUN_NAMESPACE, "value": run.namespace},
         *_base_env(),
     ]
-    if spec.uses_rollouts:
-        env += [
-            {"name": "LUFFY_ROLLOUT_URLS", "value": ",".join(run.rollout_urls(spec.rollout.replicas))},
-            {"name": "LUFFY_WEIGHT_SYNC_HOST", "value": run.trainer_rank0_host},
-            {"name": "LUFFY_WEIGHT_SYNC_PORT", "value": str(t.weight_sync_port)},
-        ]
     if spec.mlflow is not None:
         m = spec.mlflow
-        env += [
-            {"name": "MLFLOW_TRACKING_URI", "value": m.tracking_uri},
-            {"name": "MLFLOW_EXPERIMENT_NAME", "value": m.experiment_name},
-        ]
         if mlflow_run_id:
-            env.append({"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
+            env.append({"name": contract.ENV_MLFLOW_RUN_ID, "value": mlflow_run_id})
         if m.credentials_secret is not None:
             s = m.credentials_secret
             for var, key in (
-                ("MLFLOW_TRACKING_USERNAME", s.username_key),
-                ("MLFLOW_TRACKING_PASSWORD", s.password_key),
-                ("MLFLOW_TRACKING_TOKEN", s.token_key),
+                (contract.ENV_MLFLOW_USERNAME, s.username_key),
+                (contract.ENV_MLFLOW_PASSWORD, s.password_key),
+                (contract.ENV_MLFLOW_TOKEN, s.token_key),
             ):
                 ref = {"name": s.name, "key": key, "optional": True}
                 env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
@@ -595,8 +593,11 @@ def supporting_children(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
 def mutable_projection(manifest: Manifest) -> dict[str, Any] | None:
     """The part of an existing child the operator keeps in line with the spec (merge patch), None if none.
 
-    Only the trainer Service's weight-sync ports follow a mutable field (rollout.replicas); everything else a child
-    carries derives from immutable spec fields, and the StatefulSet's replicas are scaled separately."""
+    Only the trainer config (its rollout server URLs) and the trainer Service's weight-sync ports follow a mutable
+    field (rollout.replicas); everything else a child carries derives from immutable spec fields, and the
+    StatefulSet's replicas are scaled separately."""
+    if manifest["kind"] == "ConfigMap":
+        return {"data": manifest["data"]}
     if manifest["kind"] == "Service" and manifest["metadata"]["labels"][COMPONENT_LABEL] == "trainer":
         return {"spec": {"ports": manifest["spec"]["ports"]}}
     return None

@@ -16,8 +16,14 @@ from typing import Any
 from luffy_operator import manifests
 from luffy_operator.api import (
     TERMINAL_PHASES,
+    Condition,
     LuffyRunSpec,
+    LuffyRunStatus,
+    MlflowStatus,
+    Phase,
+    RolloutStatus,
     SpecError,
+    TrainerStatus,
     check_name,
     dump_spec,
     immutable_changes,
@@ -205,39 +211,42 @@ class Plan:
 
 
 WARNING_PHASES = ("Failed", "Restarting")
+SUSPENDED_MESSAGE = "spec.suspend is true: trainer stopped, rollout scaled to zero"
 EVENT_CONDITIONS = ("SpecAccepted", "MlflowReady", "RolloutReady")
 
 
 class StatusBuilder:
-    """The new status, keeping condition transition times where a condition did not change."""
+    """The new status as a `LuffyRunStatus`, keeping condition transition times where a condition did not change.
+
+    Only the fields set here are written (a merge patch): `progress` stays the trainer's; `startTime` is set once."""
 
     def __init__(self, old: dict[str, Any], now: str, generation: int) -> None:
         self.old = old
         self.now = now
         self.generation = generation
-        self.conditions: dict[str, dict[str, Any]] = {}
-        self.fields: dict[str, Any] = {}
+        self.conditions: dict[str, Condition] = {}
+        self.status = LuffyRunStatus(observed_generation=generation)
 
     def condition(self, type_: str, ok: bool, reason: str, message: str) -> None:
         status = "True" if ok else "False"
         previous = next((c for c in self.old.get("conditions") or [] if c.get("type") == type_), None)
         changed = previous is None or previous.get("status") != status
-        self.conditions[type_] = {
-            "type": type_,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": self.now if changed else previous.get("lastTransitionTime", self.now),
-            "observedGeneration": self.generation,
-        }
+        self.conditions[type_] = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=self.now if changed else previous.get("lastTransitionTime", self.now),
+            observed_generation=self.generation,
+        )
 
-    def phase(self, phase: str, reason: str, message: str) -> None:
-        self.fields.update(phase=phase, reason=reason, message=message)
+    def phase(self, phase: Phase, reason: str, message: str) -> None:
+        self.status.phase, self.status.reason, self.status.message = phase, reason, message
 
     def build(self) -> dict[str, Any]:
-        status = {"observedGeneration": self.generation, **self.fields}
-        status["conditions"] = list(self.conditions.values())
-        return status
+        """The status patch, spelled as the CRD spells it."""
+        self.status.conditions = list(self.conditions.values())
+        return self.status.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
@@ -270,38 +279,80 @@ def _workload_keys(run: RunRef, spec: LuffyRunSpec) -> list[ObjectKey]:
 
 
 def plan_run(run: RunView, res: Resolution, obs: Observed, now: str, full: bool) -> Plan:
-    """Decide the next actions and the status for one LuffyRun."""
+    """Decide the next actions and the status for one LuffyRun: admission and the trainer's lifecycle give the phase,
+    the phase gives the rollout's size and the cleanup, and all of it the status."""
     old = run.status
-    st = StatusBuilder(old, now, run.generation)
-    spec = res.spec
-    if spec is None:
-        st.condition("SpecAccepted", False, res.reason, res.message)
-        st.condition("Failed", True, res.reason, res.message)
-        st.phase("Failed", res.reason, res.message)
-        st.fields.update(completionTime=old.get("completionTime") or now, finalized=True)
-        status = st.build()
-        return Plan(status=status, events=transition_events(old, status))
-
-    plan = Plan(status={}, accepted=res.accepted)
+    if res.spec is None:
+        return _refused(old, res, StatusBuilder(old, now, run.generation))
     if old.get("reason") == "InvalidSpec" and run.accepted_spec is None:
         old = {}  # a run that never had a valid spec starts afresh once it has one
-        st.old = old
+    spec = res.spec
+    st = StatusBuilder(old, now, run.generation)
     st.condition("SpecAccepted", res.reason == "Accepted", res.reason, res.message)
-    restarts = int(old.get("restarts") or 0)
-    max_restarts = spec.failure_policy.max_restarts
-    job, rollout = obs.job, obs.rollout
-    phase = old.get("phase")
-    terminal = phase in TERMINAL_PHASES
-    nodes = spec.trainer.nodes
-
     mlflow = _mlflow_status(spec, old, obs.mlflow, st)
-    mlflow_run_id = (mlflow or {}).get("runId")
+    mlflow_run_id = mlflow.run_id if mlflow else None
 
-    if terminal:
+    plan = Plan(status={}, accepted=res.accepted)
+    restarts = _next_phase(run.ref, spec, old, obs, mlflow_run_id, st, plan)
+    finished = st.status.phase in TERMINAL_PHASES
+    desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
+    cleanup = spec.cleanup.on_success if st.status.phase == "Succeeded" else spec.cleanup.on_failure
+    deleting = finished and cleanup == "Delete"
+    _plan_children(run.ref, spec, obs, desired, deleting, full, plan)
+    _record_status(spec, old, obs, now, desired, deleting, restarts, mlflow, st)
+    plan.status = st.build()
+    plan.events = transition_events(old, plan.status)
+    return plan
+
+
+def _refused(old: dict[str, Any], res: Resolution, st: StatusBuilder) -> Plan:
+    """A spec that never validated: the run fails, and nothing is created."""
+    st.condition("SpecAccepted", False, res.reason, res.message)
+    st.condition("Failed", True, res.reason, res.message)
+    st.phase("Failed", res.reason, res.message)
+    st.status.completion_time = old.get("completionTime") or st.now
+    st.status.finalized = True
+    status = st.build()
+    return Plan(status=status, events=transition_events(old, status))
+
+
+def _next_phase(
+    ref: RunRef,
+    spec: LuffyRunSpec,
+    old: dict[str, Any],
+    obs: Observed,
+    mlflow_run_id: str | None,
+    st: StatusBuilder,
+    plan: Plan,
+) -> int:
+    """Set the phase and the trainer actions; returns the restart count (a failure just observed counts)."""
+    restarts = int(old.get("restarts") or 0)
+    phase = old.get("phase")
+    if phase in TERMINAL_PHASES:
         st.phase(phase, old.get("reason") or phase, old.get("message") or "")
-    elif job is not None and job.complete and not job.terminating:
+    elif obs.job is not None:
+        restarts = _trainer_phase(spec, old, obs.job, restarts, mlflow_run_id, st, plan)
+    else:
+        _admission_phase(ref, spec, obs, mlflow_run_id, restarts, st, plan)
+    return restarts
+
+
+def _trainer_phase(
+    spec: LuffyRunSpec,
+    old: dict[str, Any],
+    job: JobView,
+    restarts: int,
+    mlflow_run_id: str | None,
+    st: StatusBuilder,
+    plan: Plan,
+) -> int:
+    """The trainer Job exists: it finished, failed (restart or give up), is going away, or runs (stop it on suspend or
+    a rescaled rollout). Returns the restart count."""
+    max_restarts = spec.failure_policy.max_restarts
+    nodes = spec.trainer.nodes
+    if job.complete and not job.terminating:
         st.phase("Succeeded", "TrainerSucceeded", f"trainer attempt {job.attempt} completed")
-    elif job is not None and job.failed and not job.terminating:
+    elif job.failed and not job.terminating:
         if job.attempt >= restarts and restarts >= max_restarts:
             st.phase(
                 "Failed",
@@ -320,100 +371,120 @@ def plan_run(run: RunView, res: Resolution, obs: Observed, now: str, full: bool)
         else:
             plan.delete_job = True
             st.phase("Restarting", old.get("reason") or "TrainerFailed", old.get("message") or "")
-    elif job is not None and job.terminating:
-        st.phase(phase or "Pending", old.get("reason") or "TrainerStopping", old.get("message") or "")
-    elif job is not None:
-        if spec.suspend:
-            plan.delete_job = True
-            st.phase("Suspended", "Suspended", "spec.suspend is true: trainer stopped, rollout scaled to zero")
-        elif spec.uses_rollouts and job.rollout_replicas != spec.rollout.replicas:
-            plan.delete_job = True
-            st.phase(
-                "Restarting",
-                "RolloutRescaled",
-                f"spec.rollout.replicas is now {spec.rollout.replicas}: restarting the trainer from its checkpoint "
-                "with the new rollout endpoints (not counted as a failure)",
-            )
-        elif job.suspended:
-            queue = spec.scheduling.queue_name
-            st.phase("Pending", "Queued", f"trainer Job waits for admission by Kueue queue {queue}")
-        elif job.ready >= nodes:
-            st.phase("Running", "TrainerRunning", f"{job.ready}/{nodes} trainer pods ready")
-        else:
-            st.phase("Pending", "TrainerStarting", f"{job.ready}/{nodes} trainer pods ready")
+    elif job.terminating:
+        st.phase(old.get("phase") or "Pending", old.get("reason") or "TrainerStopping", old.get("message") or "")
     elif spec.suspend:
-        st.phase("Suspended", "Suspended", "spec.suspend is true: trainer stopped, rollout scaled to zero")
+        plan.delete_job = True
+        st.phase("Suspended", "Suspended", SUSPENDED_MESSAGE)
+    elif spec.uses_rollouts and job.rollout_replicas != spec.rollout.replicas:
+        plan.delete_job = True
+        st.phase(
+            "Restarting",
+            "RolloutRescaled",
+            f"spec.rollout.replicas is now {spec.rollout.replicas}: restarting the trainer from its checkpoint "
+            "with the new rollout endpoints (not counted as a failure)",
+        )
+    elif job.suspended:
+        queue = spec.scheduling.queue_name
+        st.phase("Pending", "Queued", f"trainer Job waits for admission by Kueue queue {queue}")
+    elif job.ready >= nodes:
+        st.phase("Running", "TrainerRunning", f"{job.ready}/{nodes} trainer pods ready")
+    else:
+        st.phase("Pending", "TrainerStarting", f"{job.ready}/{nodes} trainer pods ready")
+    return restarts
+
+
+def _admission_phase(
+    ref: RunRef,
+    spec: LuffyRunSpec,
+    obs: Observed,
+    mlflow_run_id: str | None,
+    restarts: int,
+    st: StatusBuilder,
+    plan: Plan,
+) -> None:
+    """No trainer Job: start one once the run is not suspended and its MLflow run and every rollout replica exist."""
+    rollout = obs.rollout
+    if spec.suspend:
+        st.phase("Suspended", "Suspended", SUSPENDED_MESSAGE)
     elif spec.mlflow is not None and not mlflow_run_id:
         st.phase("Pending", "WaitingForMlflow", obs.mlflow.error or "creating the MLflow run")
     elif spec.uses_rollouts and not _rollout_ready(rollout, spec.rollout.replicas):
         ready = rollout.ready if rollout else 0
         st.phase("Pending", "WaitingForRollout", f"{ready}/{spec.rollout.replicas} rollout replicas ready")
     else:
-        plan.ensure = manifests.supporting_children(run.ref, spec)
-        plan.create_job = manifests.trainer_job(run.ref, spec, restarts, mlflow_run_id)
+        plan.ensure = manifests.supporting_children(ref, spec)
+        plan.create_job = manifests.trainer_job(ref, spec, restarts, mlflow_run_id)
         st.phase("Pending", "TrainerStarting", f"creating the trainer Job (attempt {restarts})")
 
-    new_phase = st.fields["phase"]
-    finished = new_phase in TERMINAL_PHASES
-    desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
-    cleanup = spec.cleanup.on_success if new_phase == "Succeeded" else spec.cleanup.on_failure
-    deleting = finished and cleanup == "Delete"
 
+def _plan_children(
+    ref: RunRef, spec: LuffyRunSpec, obs: Observed, desired: int, deleting: bool, full: bool, plan: Plan
+) -> None:
+    """The rollout at its desired size, the supporting children kept in line, or the workloads removed on cleanup."""
+    rollout = obs.rollout
     if spec.uses_rollouts and not deleting:
         if rollout is None:
-            plan.ensure = plan.ensure or manifests.supporting_children(run.ref, spec)
-            plan.ensure.append(manifests.rollout_statefulset(run.ref, spec, desired))
+            plan.ensure = plan.ensure or manifests.supporting_children(ref, spec)
+            plan.ensure.append(manifests.rollout_statefulset(ref, spec, desired))
         elif rollout.replicas != desired:
             plan.scale_rollout = desired
     if full and not plan.ensure and not deleting:
-        plan.ensure = manifests.supporting_children(run.ref, spec)
-    if deleting and (job is not None or rollout is not None):
-        plan.delete = _workload_keys(run.ref, spec)
+        plan.ensure = manifests.supporting_children(ref, spec)
+    if deleting and (obs.job is not None or rollout is not None):
+        plan.delete = _workload_keys(ref, spec)
 
+
+def _record_status(
+    spec: LuffyRunSpec,
+    old: dict[str, Any],
+    obs: Observed,
+    now: str,
+    desired: int,
+    deleting: bool,
+    restarts: int,
+    mlflow: MlflowStatus | None,
+    st: StatusBuilder,
+) -> None:
+    """The conditions and counters of the status, once the phase is decided."""
+    job, rollout = obs.job, obs.rollout
+    status = st.status
+    finished = status.phase in TERMINAL_PHASES
     ready = rollout.ready if rollout else 0
     if spec.uses_rollouts:
         if desired == 0:
             st.condition("RolloutReady", False, "ScaledDown", "rollout scaled to zero")
         else:
-            st.condition(
-                "RolloutReady",
-                _rollout_ready(rollout, desired),
-                "AllReplicasReady" if _rollout_ready(rollout, desired) else "ReplicasNotReady",
-                f"{ready}/{desired} rollout replicas ready",
-            )
-    st.condition("TrainerRunning", new_phase == "Running", st.fields["reason"], st.fields["message"])
-    st.condition("Suspended", new_phase == "Suspended", "Suspended" if spec.suspend else "NotSuspended", "")
+            all_ready = _rollout_ready(rollout, desired)
+            reason = "AllReplicasReady" if all_ready else "ReplicasNotReady"
+            st.condition("RolloutReady", all_ready, reason, f"{ready}/{desired} rollout replicas ready")
+    st.condition("TrainerRunning", status.phase == "Running", status.reason, status.message)
+    st.condition("Suspended", status.phase == "Suspended", "Suspended" if spec.suspend else "NotSuspended", "")
     if finished:
-        st.condition(new_phase, True, st.fields["reason"], st.fields["message"])
+        st.condition(status.phase, True, status.reason, status.message)
 
-    st.fields.update(
-        restarts=restarts,
-        rollout={"desired": desired, "ready": ready},
-        trainer={
-            "attempt": job.attempt if job else restarts,
-            "active": job.active if job else 0,
-            "ready": job.ready if job else 0,
-            "succeeded": job.succeeded if job else 0,
-            "failed": job.failed_pods if job else 0,
-        },
+    status.restarts = restarts
+    status.rollout = RolloutStatus(desired=desired, ready=ready)
+    status.trainer = TrainerStatus(
+        attempt=job.attempt if job else restarts,
+        active=job.active if job else 0,
+        ready=job.ready if job else 0,
+        succeeded=job.succeeded if job else 0,
+        failed=job.failed_pods if job else 0,
     )
     if mlflow is not None:
-        st.fields["mlflow"] = mlflow
-    if new_phase == "Running" and not old.get("startTime"):
-        st.fields["startTime"] = now
-    st.fields.update(completionTime=None, finalized=False)
+        status.mlflow = mlflow
+    if status.phase == "Running" and not old.get("startTime"):
+        status.start_time = now
+    status.completion_time, status.finalized = None, False
     if finished:
-        st.fields["completionTime"] = old.get("completionTime") or now
+        status.completion_time = old.get("completionTime") or now
         scaled_down = rollout is None or (rollout.replicas == 0 and rollout.ready == 0)
         cleaned = not deleting or (job is None and rollout is None)
         model_known = (
-            not _wants_model_version(spec) or obs.mlflow.model_lookup_done or bool((mlflow or {}).get("modelVersion"))
+            not _wants_model_version(spec) or obs.mlflow.model_lookup_done or bool(mlflow and mlflow.model_version)
         )
-        st.fields["finalized"] = scaled_down and cleaned and model_known
-
-    plan.status = st.build()
-    plan.events = transition_events(old, plan.status)
-    return plan
+        status.finalized = scaled_down and cleaned and model_known
 
 
 def _rollout_ready(rollout: RolloutView | None, desired: int) -> bool:
@@ -424,9 +495,7 @@ def _wants_model_version(spec: LuffyRunSpec) -> bool:
     return spec.mlflow is not None and spec.mlflow.registered_model_name is not None
 
 
-def _mlflow_status(
-    spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, st: StatusBuilder
-) -> dict[str, Any] | None:
+def _mlflow_status(spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, st: StatusBuilder) -> MlflowStatus | None:
     """status.mlflow and the MlflowReady condition."""
     if spec.mlflow is None:
         return None
@@ -444,7 +513,7 @@ def _mlflow_status(
         st.condition("MlflowReady", True, "RunCreated", f"MLflow run {mlflow['runId']}")
     else:
         st.condition("MlflowReady", False, "RunNotCreated", "the MLflow run is not created yet")
-    return mlflow
+    return MlflowStatus.model_validate(mlflow)
 
 
 def needs_model_version(spec: LuffyRunSpec, status: dict[str, Any], job: JobView | None) -> bool:

@@ -24,8 +24,8 @@ from chart_render import (
     release_objects,
     render_all,
 )
+from luffy_operator.cli import build_parser
 from luffy_operator.settings import OperatorSettings
-from luffy_trainer.cli import build_parser
 
 # The oldest Kubernetes the chart claims (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate has.
 KUBE_VERSIONS = ["1.26", "1.37"]
@@ -111,9 +111,9 @@ def operator_container(release: str) -> dict:
 
 
 def parsed_command(release: str):
-    """The container's command line as the real `luffy` CLI parses it."""
+    """The container's command line as the real `luffy-operator` CLI parses it."""
     container = operator_container(release)
-    assert container["command"] == ["luffy"]
+    assert container["command"] == ["luffy-operator"]
     return build_parser().parse_args(container["args"])
 
 
@@ -125,9 +125,9 @@ def test_operator_runs_one_replica_recreated() -> None:
     assert operator_deployment("customized")["spec"]["replicas"] == 0
 
 
-def test_operator_command_line_is_accepted_by_the_luffy_cli() -> None:
+def test_operator_command_line_is_accepted_by_the_operator_cli() -> None:
     args = parsed_command("luffy")
-    assert (args.command, args.standalone, args.namespace, args.verbose) == ("operator", True, [], False)
+    assert (args.command, args.standalone, args.namespace, args.verbose) == ("run", True, [], False)
     namespaced = parsed_command("namespaced")
     assert namespaced.namespace == VALID["namespaced"]["operator"]["watchNamespaces"]
     assert parsed_command("customized").verbose

@@ -90,7 +90,7 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
     ("gpus-not-a-number", _set("spec.trainer.gpusPerNode", "eight"), "spec.trainer.gpusPerNode"),
     (
         "reserved-env",
-        _set("spec.trainer.env", [{"name": "LUFFY_ROLLOUT_URLS", "value": "http://elsewhere"}]),
+        _set("spec.trainer.env", [{"name": "LUFFY_RUN_NAME", "value": "elsewhere"}]),
         "spec.trainer.env",
     ),
     (

@@ -1,4 +1,4 @@
-"""The command line: `luffy crd`, `luffy operator` as its own process, and kubectl against the emulator."""
+"""The command line: `luffy-operator crd`, `luffy-operator run` as its own process, and kubectl against the emulator."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -15,12 +16,18 @@ from luffy_trainer.k8s_status import LuffyRunStatusReporter
 from operator_harness import CRD_PATH, REPO, RUNS, STATEFULSETS, Cluster, InProcessOperator, wait_for
 from servers import free_port
 
-LUFFY = str(Path(sys.executable).parent / "luffy")
+# `luffy-operator`, as pyproject's console script runs it (it need not be installed in this environment).
+LUFFY_OPERATOR = [sys.executable, "-m", "luffy_operator.cli"]
 
 
-def test_luffy_crd_prints_the_committed_crd() -> None:
-    out = subprocess.run([LUFFY, "crd"], capture_output=True, text=True, timeout=120, check=True).stdout
+def test_luffy_operator_crd_prints_the_committed_crd() -> None:
+    out = subprocess.run([*LUFFY_OPERATOR, "crd"], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out == CRD_PATH.read_text()
+
+
+def test_the_console_script_is_the_operator_cli() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["luffy-operator"] == "luffy_operator.cli:main"
 
 
 def test_luffy_operator_runs_against_a_kubeconfig(cluster: Cluster, tmp_path: Path) -> None:
@@ -28,8 +35,8 @@ def test_luffy_operator_runs_against_a_kubeconfig(cluster: Cluster, tmp_path: Pa
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LUFFY_OPERATOR_RESYNC_SECONDS": "1"}
     log = (tmp_path / "operator.log").open("w")
     cmd = [
-        LUFFY,
-        "operator",
+        *LUFFY_OPERATOR,
+        "run",
         "--standalone",
         "--namespace",
         "default",

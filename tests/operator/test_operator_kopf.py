@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import kubernetes
+import yaml
 from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef
@@ -56,6 +57,12 @@ def children_of(cluster: Cluster, uid: str) -> dict[str, str]:
 def job_env(cluster: Cluster, name: str) -> dict[str, Any]:
     job = cluster.api.get(f"{JOBS}/{name}-trainer")
     return {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def server_urls(cluster: Cluster, name: str) -> list[str]:
+    """The rollout server URLs the trainer config in the run's ConfigMap names."""
+    config = yaml.safe_load(cluster.api.get(f"{CONFIGMAPS}/{name}-config")["data"]["config.yaml"])
+    return config["rollout"]["server_urls"]
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -146,7 +153,7 @@ def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOp
     wait_for("the trainer Job", lambda: cluster.api.get(f"{JOBS}/life-trainer"))
     first_env = job_env(cluster, "life")
     assert first_env["MLFLOW_RUN_ID"] == run_id
-    assert first_env["LUFFY_ROLLOUT_URLS"].count("http://") == 2
+    assert len(server_urls(cluster, "life")) == 2
     set_job(cluster, "life", active=1, ready=1)
     status = wait_for("Running", phase_is(cluster, "life", "Running"))
     assert status["startTime"]
@@ -180,8 +187,9 @@ def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOp
     wait_for(
         "3 endpoints",
         lambda: (
-            cluster.api.get(f"{JOBS}/life-trainer")
-            and job_env(cluster, "life").get("LUFFY_ROLLOUT_URLS", "").count("http://") == 3
+            (job := cluster.api.get(f"{JOBS}/life-trainer"))
+            and job["metadata"]["annotations"]["luffy.dev/rollout-replicas"] == "3"
+            and len(server_urls(cluster, "life")) == 3
         ),
     )
     trainer_ports = cluster.api.get(f"{SERVICES}/life-trainer")["spec"]["ports"]

@@ -10,7 +10,8 @@ import yaml
 from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef
-from luffy_trainer.config import parse_config
+from luffy_trainer import contract
+from luffy_trainer.config import RolloutConfig, parse_config
 from luffyrun_samples import valid_run
 from operator_harness import REPO
 
@@ -163,15 +164,12 @@ def test_trainer_job_is_an_indexed_torchrun_gang() -> None:
     env = env_of(container)
     assert env["JOB_COMPLETION_INDEX"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
     assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("2", "8", "$(JOB_COMPLETION_INDEX)")
-    assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"] == env["LUFFY_WEIGHT_SYNC_HOST"] == rendezvous
+    assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"] == rendezvous
     assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "29500"
-    assert env["LUFFY_WEIGHT_SYNC_PORT"] == "29600"
+    assert not [name for name in env if name.startswith(("LUFFY_ROLLOUT", "LUFFY_WEIGHT_SYNC"))]  # in the config
     assert (env["LUFFY_RUN_NAME"], env["LUFFY_RUN_NAMESPACE"]) == ("demo", "team-a")
-    assert (env["MLFLOW_TRACKING_URI"], env["MLFLOW_EXPERIMENT_NAME"], env["MLFLOW_RUN_ID"]) == (
-        "http://mlflow:5000",
-        "luffy",
-        "run-42",
-    )
+    assert env["MLFLOW_RUN_ID"] == "run-42"
+    assert "MLFLOW_TRACKING_URI" not in env and "MLFLOW_EXPERIMENT_NAME" not in env  # the config's tracking section
     for var, key in (("USERNAME", "username"), ("PASSWORD", "password"), ("TOKEN", "token")):
         assert env[f"MLFLOW_TRACKING_{var}"]["secretKeyRef"] == {"name": "mlflow-creds", "key": key, "optional": True}
     assert env["NCCL_DEBUG"] == "INFO"
@@ -187,9 +185,8 @@ def test_trainer_job_is_an_indexed_torchrun_gang() -> None:
 def test_rollout_urls_name_each_statefulset_pod_through_the_headless_service() -> None:
     spec = SPECS["full"]
     sts = manifests.rollout_statefulset(REF, spec, spec.rollout.replicas)
-    job = manifests.trainer_job(REF, spec, 0, None)
-    urls = env_of(job["spec"]["template"]["spec"]["containers"][0])["LUFFY_ROLLOUT_URLS"].split(",")
-    name, service, port = sts["metadata"]["name"], sts["spec"]["serviceName"], manifests.ROLLOUT_PORT
+    urls = manifests.train_config(REF, spec).rollout.server_urls
+    name, service, port = sts["metadata"]["name"], sts["spec"]["serviceName"], contract.ROLLOUT_PORT
     assert urls == [f"http://{name}-{i}.{service}.{REF.namespace}.svc:{port}" for i in range(3)]
     assert urls[0] == "http://demo-rollout-0.demo-rollout.team-a.svc:8000"
 
@@ -200,6 +197,12 @@ def test_trainer_service_exposes_rendezvous_and_one_weight_sync_port_per_replica
     assert [p["port"] for p in service["spec"]["ports"]] == [29500, 29600, 29601, 29602]
     assert manifests.mutable_projection(service) == {"spec": {"ports": service["spec"]["ports"]}}
     assert manifests.mutable_projection(manifests.rollout_service(REF)) is None
+
+
+def test_the_config_map_follows_the_rollout_replicas() -> None:
+    """A rescaled run's next trainer reads the new server URLs from the ConfigMap, so it is kept up to date."""
+    cm = manifests.config_map(REF, SPECS["full"])
+    assert manifests.mutable_projection(cm) == {"data": cm["data"]}
 
 
 def test_config_map_holds_the_trainer_config_for_the_pods() -> None:
@@ -282,8 +285,8 @@ def test_sft_runs_without_rollout_servers() -> None:
     spec = SPECS["sft"]
     children = manifests.supporting_children(REF, spec)
     assert not [c for c in children if c["metadata"]["labels"]["luffy.dev/component"] == "rollout"]
-    env = env_of(manifests.trainer_job(REF, spec, 0, None)["spec"]["template"]["spec"]["containers"][0])
-    assert "LUFFY_ROLLOUT_URLS" not in env and "LUFFY_WEIGHT_SYNC_HOST" not in env
+    rollout = manifests.train_config(REF, spec).rollout
+    assert rollout.server_urls == [] and rollout.weight_sync_host == RolloutConfig().weight_sync_host
 
 
 def test_paper_example_is_the_released_run() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import yaml
 from luffy_operator.api import dump_spec, parse_spec
 from luffy_operator.reconcile import (
     ACCEPTED_SPEC_ANNOTATION,
@@ -17,6 +18,7 @@ from luffy_operator.reconcile import (
     plan_run,
     resolve_spec,
 )
+from luffy_trainer.config import parse_config
 from luffyrun_samples import valid_run
 
 NOW = "2026-11-25T12:00:00Z"
@@ -172,8 +174,8 @@ def test_rescaling_the_rollout_restarts_the_trainer_with_the_new_endpoints() -> 
     assert (p.status["phase"], p.status["reason"], p.status["restarts"]) == ("Restarting", "RolloutRescaled", 0)
     grown = RolloutView(3, 3)
     new = plan(body(status=p.status, rollout={"replicas": 3, "gpusPerReplica": 0}), None, grown)
-    env = {e["name"]: e.get("value") for e in new.create_job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert len(env["LUFFY_ROLLOUT_URLS"].split(",")) == 3
+    (cm,) = [c for c in new.ensure if c["kind"] == "ConfigMap"]
+    assert len(parse_config(yaml.safe_load(cm["data"]["config.yaml"])).rollout.server_urls) == 3
 
 
 def test_an_immutable_edit_is_refused_with_a_condition_and_ignored() -> None:

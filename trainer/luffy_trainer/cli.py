@@ -1,7 +1,7 @@
 """The `luffy` command line.
 
-Every subcommand's arguments are declared here; its implementation is imported only when it runs, so `luffy operator`
-and `luffy crd` work in the operator image, which has no torch.
+Every subcommand's arguments are declared here; its implementation is imported only when it runs, so building the
+parser imports no torch. The operator has its own command, `luffy-operator` (luffy_operator.cli).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
+
+from luffy_trainer.contract import ROLLOUT_PORT
 
 # subcommand -> "module:function" taking the parsed argparse.Namespace and returning an exit code.
 COMMANDS: dict[str, str] = {}
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="model directory (or a Hugging Face id resolvable offline)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--port", type=int, default=ROLLOUT_PORT, help="HTTP port")
     p.add_argument("--dtype", default="auto", help="weight dtype (float32 on CPU CI, bfloat16 on GPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + response)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica")
@@ -121,12 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default="policy", help="model name in the OpenAI API")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra arguments passed to vLLM after `--`")
 
-    p = _command("crd", "luffy_operator.crd:main", "Print the LuffyRun CustomResourceDefinition (YAML).", sub)
-
-    p = _command("operator", "luffy_operator.cli:main", "Run the LuffyRun operator (kopf) against a cluster.", sub)
-    p.add_argument("--namespace", "-n", action="append", default=[], help="watch only these namespaces")
-    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
-    p.add_argument("--standalone", action="store_true", help="no peering (tests, single replica)")
     return parser
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel, to_snake
+from pydantic import Field, ValidationError, model_validator
+from pydantic.alias_generators import to_snake
+
+from luffy_trainer.contract import WEIGHT_SYNC_PORT, Section
 
 AlgorithmMode = Literal["luffy", "grpo", "sft", "rl_sft_loss"]
 Aggregation = Literal["token-sum", "token-mean", "seq-mean-token-mean"]
@@ -43,18 +45,6 @@ def one_line(exc: BaseException) -> str:
 
 class ConfigError(UserError):
     """A configuration that cannot be loaded; the message names each offending field by its full dotted path."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown fields are errors, camelCase aliases are accepted."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        validate_assignment=True,
-        validate_default=True,
-    )
 
 
 class ModelConfig(Section):
@@ -219,7 +209,16 @@ class RolloutConfig(Section):
     )
     server_urls: list[str] = Field(
         default_factory=list,
-        description="Base URLs of the rollout servers (backend vllm-server); env LUFFY_ROLLOUT_URLS overrides.",
+        description="Base URLs of the rollout servers (backend vllm-server); a LuffyRun's operator writes them.",
+    )
+    weight_sync_host: str = Field(
+        "127.0.0.1", min_length=1, description="Address the rollout servers reach trainer rank 0 at for weight sync."
+    )
+    weight_sync_port: int = Field(
+        WEIGHT_SYNC_PORT,
+        ge=1,
+        le=65535,
+        description="First weight-sync port on trainer rank 0; rollout server i connects to this port + i.",
     )
     temperature: NonNegativeFloat = Field(1.0, description="Sampling temperature of on-policy rollouts.")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling threshold.")

@@ -1,8 +1,9 @@
 """Trainer rank 0 reports progress into its own LuffyRun's `status.progress` (what `kubectl get lr` shows).
 
-The operator passes LUFFY_RUN_NAME / LUFFY_RUN_NAMESPACE and a service account that may patch only this run's status.
-Outside a cluster (no LUFFY_RUN_NAME) `from_env()` returns None. Reporting never raises into the training loop: an API
-error is logged and a later report tries again. Reports are rate-limited; the last step is always sent.
+The operator passes the run's name and namespace (`contract.ENV_RUN_NAME`, `contract.ENV_RUN_NAMESPACE`) and a service
+account that may patch only this run's status. Outside a cluster (no run name) `from_env()` returns None. Reporting
+never raises into the training loop: an API error is logged and a later report tries again. Reports are rate-limited;
+the last step is always sent.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from luffy_operator.api import GROUP, PLURAL, VERSION, ProgressStatus
+from luffy_trainer.contract import ENV_RUN_NAME, ENV_RUN_NAMESPACE, GROUP, PLURAL, VERSION, ProgressStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,13 @@ class LuffyRunStatusReporter:
 
     @classmethod
     def from_env(cls, min_interval_s: float = DEFAULT_MIN_INTERVAL_S) -> LuffyRunStatusReporter | None:
-        """A reporter for the LuffyRun named by LUFFY_RUN_NAME (in LUFFY_RUN_NAMESPACE), or None when not set.
+        """A reporter for the LuffyRun the environment names, or None when it names none.
 
         Uses the pod's service account, or the kubeconfig when run outside a pod."""
-        name = os.environ.get("LUFFY_RUN_NAME")
-        if not name:
+        identity = run_identity(os.environ)
+        if identity is None:
             return None
-        namespace = os.environ.get("LUFFY_RUN_NAMESPACE") or _pod_namespace()
+        name, namespace = identity
         try:
             import kubernetes
 
@@ -91,6 +92,14 @@ class LuffyRunStatusReporter:
             )
         except Exception as exc:  # the training loop must not die for a status report
             log.warning("could not report progress to LuffyRun %s/%s: %s", self.namespace, self.name, exc)
+
+
+def run_identity(environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """(name, namespace) of the LuffyRun this pod belongs to, as the operator set them; None outside a LuffyRun."""
+    name = environ.get(ENV_RUN_NAME)
+    if not name:
+        return None
+    return name, environ.get(ENV_RUN_NAMESPACE) or _pod_namespace()
 
 
 def _pod_namespace() -> str:

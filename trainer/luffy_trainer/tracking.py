@@ -19,6 +19,7 @@ from collections import deque
 from pathlib import Path
 
 import luffy_trainer
+from luffy_trainer import contract
 from luffy_trainer.config import TrackingConfig, UserError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ LUFFY_VERSION_TAG = "luffy.version"
 
 def resolve_tracking_uri(config: TrackingConfig, workdir: str | Path = ".") -> str:
     """MLFLOW_TRACKING_URI, else the config, else a SQLite store in the working directory (what `mlflow ui` opens)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or config.tracking_uri
+    uri = os.environ.get(contract.ENV_MLFLOW_TRACKING_URI) or config.tracking_uri
     if uri:
         return uri
     return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
@@ -71,7 +72,7 @@ class MlflowTracker:
 
     def start(self, params: dict[str, str], resume_run_id: str | None = None) -> str:
         """Create or attach to the run, record params; returns the run id."""
-        run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
+        run_id = os.environ.get(contract.ENV_MLFLOW_RUN_ID) or resume_run_id
         self.run_id = self._retry_until_reachable(lambda: self._open_run(run_id), "open the MLflow run")
         self.last_logged_step = self._retry_until_reachable(self._last_step, "read the run's history")
         if self.last_logged_step >= 0:
@@ -95,7 +96,7 @@ class MlflowTracker:
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.config.experiment_name
+        name = os.environ.get(contract.ENV_MLFLOW_EXPERIMENT_NAME) or self.config.experiment_name
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = (
             experiment.experiment_id
@@ -308,7 +309,7 @@ class MlflowTracker:
         def _log():
             # The fluent API needs a global tracking URI; mlflow.set_tracking_uri would also export it to the
             # environment, where it would outlive this call.
-            previous = os.environ.get("MLFLOW_TRACKING_URI")
+            previous = os.environ.get(contract.ENV_MLFLOW_TRACKING_URI)
             mlflow.set_tracking_uri(self.uri)
             try:
                 with mlflow.start_run(run_id=self.run_id):

@@ -65,7 +65,8 @@ app.kubernetes.io/part-of: luffy
 {{/*
 What the operator does in the namespaces of its runs, and nothing more (operator/luffy_operator/kube.py,
 controller.py, reconcile.py; kopf's finalizer, annotation and status patches and its Events). The run's children are
-created, and deleted on cleanup; only the trainer Service (ports) and the rollout StatefulSet (replicas) are patched.
+created, and deleted on cleanup; only the trainer config (its ConfigMap: rollout server URLs), the trainer Service
+(ports) and the rollout StatefulSet (replicas) are patched.
 The trainer's Role grants get on its LuffyRun and get/patch on its status, which the operator must hold itself
 (RBAC refuses to create a Role granting more than its creator has); the children's ownerReferences set
 blockOwnerDeletion, which needs update on luffyruns/finalizers.
@@ -84,7 +85,10 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   resources: [events]
   verbs: [create]
 - apiGroups: [""]
-  resources: [configmaps, persistentvolumeclaims]
+  resources: [configmaps]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
   verbs: [create]
 - apiGroups: [""]
   resources: [services]

@@ -6,12 +6,12 @@ again to another replica; the failing replica is left out until a health probe, 
 up again. Each prompt's answer is taken from exactly one successful request. With no replica ready for
 `unhealthy_timeout_s`, the batch fails with a RolloutError that lists each replica's last error.
 
-Weights (see `weight_sync`): each replica gets its own process group (trainer = rank 0) on port `sync_port + index`.
-An update is streamed once: each bucket is broadcast to every replica in turn while the replicas receive it through
-`/collective_rpc`; then their prefix caches are reset. A replica is *ready* only when it still runs the process that
-last received weights from this client and reports the current version. One that restarted (new process id) is
-re-joined and sent the current weights before any generation request goes to it; for that the client keeps the last
-update's bytes in host memory (one copy of the weights, in the dtype sent).
+Weights (see `weight_sync`): each replica gets its own process group (trainer = rank 0) on port
+`contract.weight_sync_port(sync_port, index)`. An update is streamed once: each bucket is broadcast to every replica in
+turn while the replicas receive it through `/collective_rpc`; then their prefix caches are reset. A replica is *ready*
+only when it still runs the process that last received weights from this client and reports the current version. One
+that restarted (new process id) is re-joined and sent the current weights before any generation request goes to it; for
+that the client keeps the last update's bytes in host memory (one copy of the weights, in the dtype sent).
 
 Not thread-safe: call generate and update_weights from one thread, never at the same time.
 """
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
+from luffy_trainer import contract
 from luffy_trainer.rollout import weight_sync
 from luffy_trainer.rollout.base import Completion, RolloutError, RolloutUnreachable, SamplingParams
 from luffy_trainer.rollout.common import (
@@ -99,7 +100,7 @@ class VLLMServerClient:
         urls: Sequence[str],
         *,
         sync_host: str = "127.0.0.1",
-        sync_port: int = 29600,
+        sync_port: int = contract.WEIGHT_SYNC_PORT,
         sync_backend: str = "gloo",
         sync_timeout_s: float = 600.0,
         bucket_mb: int = 256,
@@ -113,7 +114,9 @@ class VLLMServerClient:
             raise RolloutError("VLLMServerClient needs at least one server URL")
         if sync_backend not in ("gloo", "nccl"):
             raise RolloutError(f"sync_backend must be 'gloo' or 'nccl', got {sync_backend!r}")
-        self._replicas = [_Replica(url.rstrip("/"), sync_port + i) for i, url in enumerate(urls)]
+        self._replicas = [
+            _Replica(url.rstrip("/"), contract.weight_sync_port(sync_port, i)) for i, url in enumerate(urls)
+        ]
         self._sync_host, self._sync_backend, self._sync_timeout_s = sync_host, sync_backend, sync_timeout_s
         self._bucket_bytes = bucket_mb * 2**20
         self._request_timeout_s = request_timeout_s
@@ -310,7 +313,7 @@ class VLLMServerClient:
                         self._sync_host, replica.sync_port, self._sync_backend, self._sync_timeout_s
                     )
                 except OSError as exc:
-                    raise RolloutError(f"{exc} (set LUFFY_WEIGHT_SYNC_HOST / LUFFY_WEIGHT_SYNC_PORT)") from None
+                    raise RolloutError(f"{exc} (set rollout.weight_sync_host / rollout.weight_sync_port)") from None
             try:
                 if not replica.group.joined:
                     replica.group.join(
