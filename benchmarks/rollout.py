@@ -118,10 +118,10 @@ def timed_update(engine, weights, version: int) -> float:
 
 def sync_times(workdir: Path, args) -> list[str]:
     import torch
+    from luffy_trainer.demo.tiny import TinyModelShape, make_tiny_model
     from luffy_trainer.rollout.serve import LocalRolloutServer
     from luffy_trainer.rollout.server_client import VLLMServerClient
     from luffy_trainer.rollout.vllm_engine import VLLMEngine
-    from luffy_trainer.tiny import TinyModelShape, make_tiny_model
     from transformers import AutoModelForCausalLM
 
     rows = [
@@ -168,7 +168,7 @@ def main() -> int:
     parser.add_argument("--skip-sync", action="store_true")
     args = parser.parse_args()
 
-    from luffy_trainer.tiny import make_tiny_model
+    from luffy_trainer.demo.tiny import make_tiny_model
 
     print(f"machine: {machine()}", flush=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.orig_argv[1:]])}", flush=True)

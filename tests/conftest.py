@@ -24,7 +24,7 @@ from servers import MlflowServer
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """Tiny Qwen2 model A (seed 0) with its tokenizer."""
-    from luffy_trainer.tiny import make_tiny_model
+    from luffy_trainer.demo.tiny import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-a"), seed=0))
 
@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_model_b_dir(tmp_path_factory) -> str:
     """Tiny Qwen2 model B: same architecture and tokenizer as A, other weights (seed 1)."""
-    from luffy_trainer.tiny import make_tiny_model
+    from luffy_trainer.demo.tiny import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny-b"), seed=1))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from luffy_trainer.config import DataConfig, UserError
 from luffy_trainer.data import ResumableSampler, load_examples
-from luffy_trainer.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+from luffy_trainer.demo.tiny import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
 SYSTEM = "Think, then answer in a box."
 THINK_TRACE = "<think>\n2 + 3 = 5\n</think>\nSo \\boxed{5}."

@@ -89,8 +89,8 @@ def test_two_rank_training_against_a_rollout_server(tmp_path, tiny_model_dir, ti
     import urllib.request
 
     import yaml
+    from luffy_trainer.demo.tasks import write_arithmetic_task
     from luffy_trainer.rollout.serve import LocalRolloutServer
-    from luffy_trainer.tasks import write_arithmetic_task
     from rollout_reference import hf_greedy
     from servers import free_port
 

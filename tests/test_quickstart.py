@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from luffy_trainer.demo.quickstart import comparison_table, held_out_curves, plot_curves, verdict
 from luffy_trainer.evaluation import EvalResult
-from luffy_trainer.quickstart import comparison_table, held_out_curves, plot_curves, verdict
 
 
 @dataclass

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from luffy_trainer.rewards import math_verify_reward
-from luffy_trainer.tasks import (
+from luffy_trainer.demo.tasks import (
     MAX_SUM,
     VAL_PER_TOTAL,
     arithmetic_rows,
@@ -13,6 +12,7 @@ from luffy_trainer.tasks import (
     problems,
     solution_steps,
 )
+from luffy_trainer.rewards import math_verify_reward
 
 
 def question(row: dict) -> str:

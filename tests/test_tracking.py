@@ -178,3 +178,23 @@ def test_no_commit_is_claimed_outside_a_git_checkout(tmp_path, monkeypatch):
     package.mkdir(parents=True)
     monkeypatch.setattr(luffy_trainer, "__file__", str(package / "__init__.py"))
     assert source_commit() is None
+
+
+def test_nested_runs_show_under_their_parent(mlflow_server, tmp_path):
+    def tracker(name: str) -> MlflowTracker:
+        config = TrackingConfig(tracking_uri=mlflow_server.uri, experiment_name="t-nest", run_name=name)
+        return MlflowTracker(config.model_copy(update={"system_metrics": False}), workdir=tmp_path)
+
+    children = []
+    for name in ("child-a", "child-b"):
+        child = tracker(name)
+        children.append(child.start({}))
+        child.finish()
+    parent = tracker("parent")
+    parent_id = parent.start({})
+    parent.nest(children)
+    parent.finish()
+
+    client = MlflowClient(mlflow_server.uri)
+    assert [client.get_run(c).data.tags.get("mlflow.parentRunId") for c in children] == [parent_id, parent_id]
+    assert "mlflow.parentRunId" not in client.get_run(parent_id).data.tags

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from luffy_trainer.tasks import write_arithmetic_task
+from luffy_trainer.demo.tasks import write_arithmetic_task
 
 
 def write_task(directory: Path) -> Path:

@@ -37,7 +37,7 @@ def _config_arguments(p: argparse.ArgumentParser, config_help: str, example: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from luffy_trainer.quickstart import VARIANTS as QUICKSTART_VARIANTS  # torch-free, like this module
+    from luffy_trainer.demo.quickstart import VARIANTS as QUICKSTART_VARIANTS  # torch-free, like this module
 
     parser = argparse.ArgumentParser(
         prog="luffy", description="LUFFY training of reasoning LLMs, local or on Kubernetes."
@@ -51,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         "quickstart",
-        "luffy_trainer.quickstart:main",
+        "luffy_trainer.demo.quickstart:main",
         "Build the tiny model and arithmetic task, then train on them (what `make run` runs).",
         sub,
     )
     p.add_argument("--workdir", default="runs/quickstart", help="where the model, data and outputs go")
     p.add_argument("--config", default="examples/quickstart.yaml", help="the config of the compared runs")
     p.add_argument(
-        "--base-config", default=None, help="the config of the base model (default: luffy_trainer/quickstart_base.yaml)"
+        "--base-config", default=None, help="the base model config (default: luffy_trainer/demo/quickstart_base.yaml)"
     )
     p.add_argument("--prepare-only", action="store_true", help="build model, data and base model, train nothing")
     p.add_argument(
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         "make-tiny-model",
-        "luffy_trainer.tiny:main",
+        "luffy_trainer.demo.tiny:main",
         "Write a deterministic tiny Qwen2-style model and tokenizer (nothing downloaded).",
         sub,
     )

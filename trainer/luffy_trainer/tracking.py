@@ -295,6 +295,15 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._retry_until_reachable(lambda: self.client.log_text(self.run_id, text, artifact_file), "log an artifact")
 
+    def nest(self, child_run_ids: list[str]) -> None:
+        """Show the given runs under this one in the MLflow UI (the standard parent-run tag on each)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        for child in child_run_ids:
+            self._retry_until_reachable(
+                lambda child=child: self.client.set_tag(child, MLFLOW_PARENT_RUN_ID, self.run_id), "nest a run"
+            )
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self._retry_until_reachable(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v), "set a tag")

@@ -21,14 +21,14 @@ from pathlib import Path
 from statistics import mean
 
 from luffy_trainer.config import load_config
-from luffy_trainer.tasks import constant_answer_accuracy, write_arithmetic_task
-from luffy_trainer.tiny import TinyModelShape, make_tiny_model
+from luffy_trainer.demo.tasks import constant_answer_accuracy, write_arithmetic_task
+from luffy_trainer.demo.tiny import TinyModelShape, make_tiny_model
 
 log = logging.getLogger(__name__)
 
 QUICKSTART_MODEL = TinyModelShape()
 # Stage 1's config ships with the package, so a cluster job can prepare the quickstart from the image alone.
-BASE_CONFIG = files("luffy_trainer") / "quickstart_base.yaml"
+BASE_CONFIG = files("luffy_trainer.demo") / "quickstart_base.yaml"
 # How the base model's success on the training problems is measured: pass@8 over this many problems.
 BASE_PROBLEMS = 512
 BASE_SAMPLES = 8
@@ -294,11 +294,8 @@ def log_comparison(config_path: str, results: dict, curves: dict, table: str, se
                 )
         tracker.log_text(table, "comparison.md")
         if figure is not None:
-            tracker.client.log_artifact(run_id, str(figure))
-        for by_seed in results.values():
-            for result in by_seed.values():
-                if result.run_id:
-                    tracker.client.set_tag(result.run_id, "mlflow.parentRunId", run_id)
+            tracker.log_artifact(figure)
+        tracker.nest([r.run_id for by_seed in results.values() for r in by_seed.values() if r.run_id])
         status = "FINISHED"
     finally:
         tracker.finish(status)
