@@ -7,6 +7,7 @@ trainer's CLI parser, config loader, rollout factory, tracking and status report
 
 from __future__ import annotations
 
+import base64
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from luffy_trainer.cli import build_parser
 from luffy_trainer.config import load_config
 from luffy_trainer.k8s_status import LuffyRunStatusReporter, run_identity
 from luffy_trainer.rollout import build_rollout_engine
+from luffy_trainer.rollout.control import read_token
 from luffy_trainer.rollout.factory import rollout_server_urls, weight_sync_address
 from luffy_trainer.tracking import resolve_tracking_uri
 
@@ -28,6 +30,7 @@ from luffyrun_samples import valid_run
 
 REF = RunRef(name="demo", namespace="team-a", uid="0b5e7a9e-1111-2222-3333-444455556666")
 MLFLOW_RUN_ID = "run-42"
+CONTROL_TOKEN = "c0ffee" * 8
 SPEC = parse_spec(
     valid_run(
         rollout={"replicas": 3, "gpusPerReplica": 0, "temperature": 0.7, "maxTokens": 48},
@@ -52,11 +55,17 @@ class Pod:
         self.root = root
         cm = manifests.config_map(REF, SPEC)
         volumes = {v["name"]: v for v in self.job["spec"]["template"]["spec"]["volumes"]}
+        secret = manifests.with_control_token(manifests.control_secret(REF), CONTROL_TOKEN)
         for mount in self.container["volumeMounts"]:
             source = volumes[mount["name"]].get("configMap")
             if source is not None and source["name"] == cm["metadata"]["name"]:
                 for item in source["items"]:
                     self.path(f"{mount['mountPath']}/{item['path']}").write_text(cm["data"][item["key"]])
+            source = volumes[mount["name"]].get("secret")
+            if source is not None and source["secretName"] == secret["metadata"]["name"]:
+                for item in source["items"]:
+                    data = base64.b64decode(secret["data"][item["key"]]).decode()
+                    self.path(f"{mount['mountPath']}/{item['path']}").write_text(data)
         self.env = {e["name"]: e["value"] for e in self.container["env"] if "value" in e}
 
     def path(self, in_pod: str) -> Path:
@@ -107,11 +116,31 @@ def test_the_trainer_reaches_every_rollout_server_the_operator_runs(pod: Pod) ->
     assert serve.max_model_len == contract.max_model_len(
         config.rollout.max_model_len, data.max_prompt_length, data.max_response_length
     )
+    config.rollout.control_token_file = str(pod.path(config.rollout.control_token_file))  # where this test mounts it
     engine = build_rollout_engine(config, model_path="unused")  # the client; nothing is contacted yet
     try:
         assert [s.url for s in engine.replica_stats()] == urls
     finally:
         engine.close()
+
+
+def test_the_trainer_and_the_rollout_servers_read_the_same_control_token_file(pod: Pod) -> None:
+    config = load_config(pod.path(pod.train_args().config))
+    sts = manifests.rollout_statefulset(REF, SPEC, SPEC.rollout.replicas)
+    pod_spec = sts["spec"]["template"]["spec"]
+    (rollout,) = pod_spec["containers"]
+    serve = build_parser().parse_args(rollout["args"])
+    assert serve.control_token_file == config.rollout.control_token_file == contract.CONTROL_TOKEN_FILE
+    for container, volumes in (
+        (rollout, pod_spec["volumes"]),
+        (pod.container, pod.job["spec"]["template"]["spec"]["volumes"]),
+    ):
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == contract.CONTROL_TOKEN_DIR]
+        (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+        assert mount["readOnly"] and volume["secret"]["secretName"] == contract.control_secret_name(REF.name)
+        assert volume["secret"]["items"] == [{"key": contract.CONTROL_TOKEN_KEY, "path": contract.CONTROL_TOKEN_KEY}]
+    assert read_token(pod.path(config.rollout.control_token_file)) == CONTROL_TOKEN
+    assert CONTROL_TOKEN not in manifests.config_map(REF, SPEC)["data"]["config.yaml"]  # only the path travels there
 
 
 def test_the_weight_sync_ports_the_trainer_listens_on_are_the_ones_the_operator_opened(pod: Pod) -> None:

@@ -118,7 +118,7 @@ RolloutSampling = derived_section(
     RolloutConfig,
     "RolloutSampling",
     "How on-policy completions are sampled (the trainer's rollout settings).",
-    exclude={"backend", "server_urls", "weight_sync_host", "weight_sync_port"},
+    exclude={"backend", "server_urls", "control_token_file", "weight_sync_host", "weight_sync_port"},
 )
 CheckpointSchedule = derived_section(
     CheckpointConfig,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
+import secrets
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,9 @@ from luffy_operator.reconcile import (
 from luffy_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
+
+# The opt-in a run's MLflow Secret needs before the operator sends its values anywhere (label value "true").
+MLFLOW_CREDENTIALS_LABEL = "luffy.dev/mlflow-credentials"
 
 
 def utc_now() -> str:
@@ -68,7 +73,7 @@ class Controller:
             observed = Observed(job=None, rollout=None)
         else:
             observed = self.observe(run, resolution.spec)
-        plan = plan_run(run, resolution, observed, self.clock(), full)
+        plan = plan_run(run, resolution, observed, self.clock(), full, self.settings.run_egress)
         errors = self.execute(run.ref, resolution.spec, plan)
         return Outcome(status=plan.status, accepted=plan.accepted, events=plan.events, errors=errors)
 
@@ -93,8 +98,12 @@ class Controller:
         wants_version = needs_model_version(spec, run.status, job)
         if run_id and not wants_version:
             return MlflowView()
+        how = ""
         try:
-            client = self.mlflow_client(spec, run.ref.namespace)
+            credentials, how = self.mlflow_credentials(spec, run.ref.namespace)
+            client = MlflowRestClient(
+                spec.mlflow.tracking_uri or "", credentials, timeout_s=self.settings.mlflow_timeout_seconds
+            )
             if not run_id:
                 created = client.ensure_run(
                     spec.mlflow.experiment_name,
@@ -102,28 +111,68 @@ class Controller:
                     run.ref.uid,
                     {"luffy.run": run.ref.name, "luffy.namespace": run.ref.namespace},
                 )
-                return MlflowView(run_id=created.run_id, experiment_id=created.experiment_id, url=created.url)
+                return MlflowView(
+                    run_id=created.run_id, experiment_id=created.experiment_id, url=created.url, credentials=how
+                )
             version = client.model_version(spec.mlflow.registered_model_name or "", run_id)
             return MlflowView(model_version=version, model_lookup_done=True)
         except MlflowError as err:
-            return MlflowView(error=str(err), unreachable=err.unreachable)
+            return MlflowView(error="; ".join(filter(None, [str(err), how])), unreachable=err.unreachable)
+        except ApiError as err:  # e.g. no permission to read the Secret's labels
+            return MlflowView(error=f"spec.mlflow.credentialsSecret: {err}")
 
     def mlflow_client(self, spec: LuffyRunSpec, namespace: str) -> MlflowRestClient:
         m = spec.mlflow
         assert m is not None and m.tracking_uri is not None
-        credentials = None
-        if m.credentials_secret is not None:
-            ref = m.credentials_secret
-            secret = self.kube.get(ObjectKey("v1", "Secret", namespace, ref.name))
-            if secret is None:
-                raise MlflowError(f"spec.mlflow.credentialsSecret: Secret {namespace}/{ref.name} not found")
-            data = secret.get("data") or {}
-
-            def value(key: str) -> str | None:
-                return base64.b64decode(data[key]).decode() if key in data else None
-
-            credentials = MlflowCredentials(value(ref.username_key), value(ref.password_key), value(ref.token_key))
+        credentials, _ = self.mlflow_credentials(spec, namespace)
         return MlflowRestClient(m.tracking_uri, credentials, timeout_s=self.settings.mlflow_timeout_seconds)
+
+    def mlflow_credentials(self, spec: LuffyRunSpec, namespace: str) -> tuple[MlflowCredentials | None, str]:
+        """What the operator's own MLflow calls for this run authenticate with, and why (for the condition).
+
+        Never a Secret the run merely names: the operator is no deputy for a user who may create LuffyRuns but not
+        read Secrets. A run's Secret is used only if it carries MLFLOW_CREDENTIALS_LABEL=true (its labels are read
+        first, without its values) and the URI is https, or http where the installation allows it. Otherwise the
+        installation's credentials, sent only to the installation's own MLflow server; otherwise none."""
+        m = spec.mlflow
+        assert m is not None and m.tracking_uri is not None
+        ref, why = m.credentials_secret, ""
+        if ref is not None:
+            key = ObjectKey("v1", "Secret", namespace, ref.name)
+            found = self.kube.get_metadata(key)
+            if found is None:
+                raise MlflowError(f"spec.mlflow.credentialsSecret: Secret {namespace}/{ref.name} not found")
+            if (found["metadata"].get("labels") or {}).get(MLFLOW_CREDENTIALS_LABEL) == "true":
+                self._check_transport(m.tracking_uri, f"spec.mlflow.credentialsSecret {ref.name}")
+                return self._secret_credentials(key, ref), f"credentials from Secret {ref.name}"
+            why = (
+                f"the operator does not use spec.mlflow.credentialsSecret {ref.name}: it is not labelled "
+                f"{MLFLOW_CREDENTIALS_LABEL}=true (the trainer pods still get it)"
+            )
+        s = self.settings
+        if s.has_mlflow_credentials and _origin(m.tracking_uri) == _origin(s.mlflow_tracking_uri):
+            creds = MlflowCredentials(s.mlflow_username or None, s.mlflow_password or None, s.mlflow_token or None)
+            return creds, "; ".join(filter(None, [why, "the operator's own credentials"]))
+        return None, why
+
+    def _check_transport(self, uri: str, what: str) -> None:
+        scheme = urllib.parse.urlsplit(uri).scheme
+        if scheme != "https" and not self.settings.mlflow_allow_http:
+            raise MlflowError(
+                f"{what}: the operator sends credentials over https only, and spec.mlflow.trackingUri is {scheme}:// "
+                "(the installation may allow http: LUFFY_OPERATOR_MLFLOW_ALLOW_HTTP, chart operator.mlflow.allowHttp)"
+            )
+
+    def _secret_credentials(self, key: ObjectKey, ref: Any) -> MlflowCredentials:
+        secret = self.kube.get(key)
+        if secret is None:
+            raise MlflowError(f"spec.mlflow.credentialsSecret: Secret {key.namespace}/{key.name} not found")
+        data = secret.get("data") or {}
+
+        def value(k: str) -> str | None:
+            return base64.b64decode(data[k]).decode() if k in data else None
+
+        return MlflowCredentials(value(ref.username_key), value(ref.password_key), value(ref.token_key))
 
     # --- acting -----------------------------------------------------------------------------------------------------
 
@@ -160,8 +209,22 @@ class Controller:
         return errors
 
     def ensure(self, child: manifests.Manifest) -> None:
-        """Create a child, or bring the mutable part of an existing one in line."""
+        """Create a child, or bring the mutable part of an existing one in line. The control Secret gets its random
+        token here, so plans stay deterministic; it is created once (an existing one is kept, never read)."""
+        if manifests.is_control_secret(child):
+            child = manifests.with_control_token(child, secrets.token_hex(32))
         if not self.kube.create(child):
             projection = manifests.mutable_projection(child)
             if projection is not None:
                 self.kube.patch(ObjectKey.of(child), projection)
+
+
+def _origin(uri: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port: where credentials for `uri` would go."""
+    parts = urllib.parse.urlsplit(uri)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port

@@ -7,15 +7,21 @@ Children of run `r` in namespace `ns`:
   r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness probes on /health)
   r-trainer      Service        headless; r-trainer-0.r-trainer.ns.svc is the torchrun rendezvous and weight-sync host
   r-trainer      Job            Indexed, one pod per node, `torchrun ... -m luffy_trainer.cli train`
-  r-rollout      NetworkPolicy  only the run's trainer pods reach the rollout pods
-  r-trainer      NetworkPolicy  only the run's own pods reach the trainer pods
+  r-control      Secret         the rollout control token (random, made once; mounted as a file by both workloads)
+  r-rollout      NetworkPolicy  only the run's trainer pods reach the rollout pods; they reach the run's pods and DNS
+  r-trainer      NetworkPolicy  only the run's own pods reach the trainer pods; they reach the run's pods, DNS and the
+                                installation's extra egress (MLflow, the API server, a model hub)
   r-trainer      ServiceAccount + Role + RoleBinding: get/patch of this LuffyRun's status, nothing else
   r-checkpoints  PersistentVolumeClaim (unless spec.checkpoint.existingClaim)
 """
 
 from __future__ import annotations
 
+import base64
+import copy
+import ipaddress
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +78,10 @@ class RunRef:
     @property
     def checkpoints(self) -> str:
         return f"{self.name}-checkpoints"
+
+    @property
+    def control_secret(self) -> str:
+        return contract.control_secret_name(self.name)
 
     def rollout_urls(self, replicas: int) -> list[str]:
         """Base URL of each rollout pod, by its stable StatefulSet DNS name."""
@@ -139,6 +149,7 @@ def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
     if spec.uses_rollouts:
         servers = {
             "server_urls": run.rollout_urls(spec.rollout.replicas),
+            "control_token_file": contract.CONTROL_TOKEN_FILE,
             "weight_sync_host": run.trainer_rank0_host,
             "weight_sync_port": spec.trainer.weight_sync_port,
         }
@@ -167,6 +178,41 @@ def config_map(run: RunRef, spec: LuffyRunSpec) -> Manifest:
         "metadata": _metadata(run, run.config_map, "config"),
         "data": {CONFIG_FILE: dump_config(train_config(run, spec))},
     }
+
+
+# --- the rollout control token -------------------------------------------------------------------------------------
+
+
+def control_secret(run: RunRef) -> Manifest:
+    """The control token's Secret, without its token: `with_control_token` adds one where randomness is allowed
+    (the controller), so this function and the plans built from it stay deterministic. Immutable: made once."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(run, run.control_secret, "control"),
+        "type": "Opaque",
+        "immutable": True,
+    }
+
+
+def with_control_token(secret: Manifest, token: str) -> Manifest:
+    out = copy.deepcopy(secret)
+    out["data"] = {contract.CONTROL_TOKEN_KEY: base64.b64encode(token.encode()).decode()}
+    return out
+
+
+def is_control_secret(manifest: Manifest) -> bool:
+    return manifest["kind"] == "Secret" and manifest["metadata"]["labels"][COMPONENT_LABEL] == "control"
+
+
+def _control_volume(run: RunRef) -> dict[str, Any]:
+    items = [{"key": contract.CONTROL_TOKEN_KEY, "path": contract.CONTROL_TOKEN_KEY}]
+    # 0440: readable by the pod's fsGroup (the non-root user), nobody else.
+    return {"name": "control-token", "secret": {"secretName": run.control_secret, "items": items, "defaultMode": 0o440}}
+
+
+def _control_mount() -> dict[str, Any]:
+    return {"name": "control-token", "mountPath": contract.CONTROL_TOKEN_DIR, "readOnly": True}
 
 
 # --- pod building blocks --------------------------------------------------------------------------------------------
@@ -279,6 +325,7 @@ def rollout_args(spec: LuffyRunSpec) -> list[str]:
     r = spec.rollout
     max_model_len = contract.max_model_len(r.max_model_len, spec.data.max_prompt_length, spec.data.max_response_length)
     args = ["serve-rollout", "--model", spec.model.path, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)]
+    args += ["--control-token-file", contract.CONTROL_TOKEN_FILE]
     args += ["--dtype", spec.model.dtype, "--max-model-len", str(max_model_len)]
     args += ["--tensor-parallel-size", str(r.tensor_parallel_size)]
     if r.gpus_per_replica:
@@ -320,7 +367,7 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
         },
         "readinessProbe": {**probe, "failureThreshold": 3},
         "resources": _resources(r.resources, spec.scheduling.gpu_resource_name, r.gpus_per_replica),
-        "volumeMounts": _shared_mounts(spec),
+        "volumeMounts": [*_shared_mounts(spec), _control_mount()],
         "securityContext": _container_security_context(),
     }
     pod_labels = labels(run, "rollout")
@@ -339,7 +386,7 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
                     **_pod_placement(spec),
                     "automountServiceAccountToken": False,
                     "containers": [container],
-                    "volumes": _shared_volumes(spec, r.shm_size_limit),
+                    "volumes": [*_shared_volumes(spec, r.shm_size_limit), _control_volume(run)],
                 },
             },
         },
@@ -453,6 +500,9 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
         *_shared_volumes(spec, t.shm_size_limit),
     ]
+    if spec.uses_rollouts:
+        mounts.append(_control_mount())
+        volumes.append(_control_volume(run))
     container = {
         "name": "trainer",
         "image": spec.trainer_image,
@@ -501,36 +551,62 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
 # --- network and access ---------------------------------------------------------------------------------------------
 
 
-def network_policies(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
+# Cloud metadata endpoints (AWS/GCP/Azure IPv4, AWS IPv6): never reachable from a run, whatever the extra egress says.
+METADATA_NETWORKS = ("169.254.169.254/32", "fd00:ec2::254/128")
+KUBE_DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def _without_metadata(rule: dict[str, Any]) -> dict[str, Any]:
+    """An installation's egress rule with every ipBlock that contains a metadata address excepting it."""
+    out = copy.deepcopy(rule)
+    for peer in out.get("to") or []:
+        block = peer.get("ipBlock")
+        if block is None:
+            continue
+        net = ipaddress.ip_network(block["cidr"], strict=False)
+        for meta in map(ipaddress.ip_network, METADATA_NETWORKS):
+            if meta.version == net.version and meta.subnet_of(net) and str(meta) not in block.get("except", []):
+                block["except"] = [*block.get("except", []), str(meta)]
+    return out
+
+
+def _egress(run: RunRef, extra_egress: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's own pods (any port: NCCL), kube-dns, then the installation's rules (`OperatorSettings.run_egress`)."""
+    dns_ports = [{"protocol": proto, "port": 53} for proto in ("UDP", "TCP")]
+    return [
+        {"to": [{"podSelector": {"matchLabels": {RUN_LABEL: run.name}}}]},
+        {"to": [copy.deepcopy(KUBE_DNS_PEER)], "ports": dns_ports},
+        *(_without_metadata(rule) for rule in extra_egress),
+    ]
+
+
+def network_policies(run: RunRef, spec: LuffyRunSpec, extra_egress: Sequence[dict[str, Any]] = ()) -> list[Manifest]:
     """Ingress only from the run's own pods, on any port: NCCL (rendezvous, weight sync) opens ephemeral ports on
-    both sides after its bootstrap connection, so per-port rules would break it."""
+    both sides after its bootstrap connection, so per-port rules would break it. Egress only to the run's pods,
+    kube-dns and what the installation adds (`extra_egress`: MLflow, the API server, a hub), never cloud metadata.
+    The selectors are labels the operator sets, which anyone who may create pods here can set too (docs/security.md)."""
     trainer_pods = {"podSelector": {"matchLabels": selector(run, "trainer")}}
     run_pods = {"podSelector": {"matchLabels": {RUN_LABEL: run.name}}}
-    policies = [
-        {
+
+    def policy(name: str, component: str, ingress_from: dict[str, Any]) -> Manifest:
+        return {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": _metadata(run, run.trainer, "trainer"),
+            "metadata": _metadata(run, name, component),
             "spec": {
-                "podSelector": {"matchLabels": selector(run, "trainer")},
-                "policyTypes": ["Ingress"],
-                "ingress": [{"from": [run_pods]}],
+                "podSelector": {"matchLabels": selector(run, component)},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [ingress_from]}],
+                "egress": _egress(run, extra_egress),
             },
         }
-    ]
+
+    policies = [policy(run.trainer, "trainer", run_pods)]
     if spec.uses_rollouts:
-        policies.append(
-            {
-                "apiVersion": "networking.k8s.io/v1",
-                "kind": "NetworkPolicy",
-                "metadata": _metadata(run, run.rollout, "rollout"),
-                "spec": {
-                    "podSelector": {"matchLabels": selector(run, "rollout")},
-                    "policyTypes": ["Ingress"],
-                    "ingress": [{"from": [trainer_pods]}],
-                },
-            }
-        )
+        policies.append(policy(run.rollout, "rollout", trainer_pods))
     return policies
 
 
@@ -579,15 +655,16 @@ def checkpoint_claim(run: RunRef, spec: LuffyRunSpec) -> Manifest | None:
     }
 
 
-def supporting_children(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
+def supporting_children(run: RunRef, spec: LuffyRunSpec, extra_egress: Sequence[dict[str, Any]] = ()) -> list[Manifest]:
     """Everything but the two workloads, in creation order (what a trainer pod needs exists before it starts)."""
-    children = [config_map(run, spec), trainer_service(run, spec), *trainer_rbac(run)]
+    children = [control_secret(run)] if spec.uses_rollouts else []
+    children += [config_map(run, spec), trainer_service(run, spec), *trainer_rbac(run)]
     claim = checkpoint_claim(run, spec)
     if claim is not None:
         children.append(claim)
     if spec.uses_rollouts:
         children.append(rollout_service(run))
-    return children + network_policies(run, spec)
+    return children + network_policies(run, spec, extra_egress)
 
 
 def mutable_projection(manifest: Manifest) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ counted and is deleted; with no Job, a new one is created with attempt = restart
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,7 @@ class MlflowView:
     unreachable: bool = False
     model_version: str | None = None
     model_lookup_done: bool = False
+    credentials: str = ""  # how the operator's call authenticated, or why a run's Secret was not used
 
 
 @dataclass(frozen=True)
@@ -273,14 +275,17 @@ def _workload_keys(run: RunRef, spec: LuffyRunSpec) -> list[ObjectKey]:
     objs = [manifests.trainer_job(run, spec, 0, None)]
     if spec.uses_rollouts:
         objs.append(manifests.rollout_statefulset(run, spec, 0))
-    keep = {"ConfigMap", "PersistentVolumeClaim"}
+    keep = {"ConfigMap", "PersistentVolumeClaim", "Secret"}  # the Secret goes with the LuffyRun (ownerReference)
     objs += [o for o in manifests.supporting_children(run, spec) if o["kind"] not in keep]
     return [ObjectKey.of(o) for o in objs]
 
 
-def plan_run(run: RunView, res: Resolution, obs: Observed, now: str, full: bool) -> Plan:
+def plan_run(
+    run: RunView, res: Resolution, obs: Observed, now: str, full: bool, extra_egress: Sequence[dict[str, Any]] = ()
+) -> Plan:
     """Decide the next actions and the status for one LuffyRun: admission and the trainer's lifecycle give the phase,
-    the phase gives the rollout's size and the cleanup, and all of it the status."""
+    the phase gives the rollout's size and the cleanup, and all of it the status. `extra_egress`: the installation's
+    egress rules for the run's NetworkPolicies."""
     old = run.status
     if res.spec is None:
         return _refused(old, res, StatusBuilder(old, now, run.generation))
@@ -293,12 +298,12 @@ def plan_run(run: RunView, res: Resolution, obs: Observed, now: str, full: bool)
     mlflow_run_id = mlflow.run_id if mlflow else None
 
     plan = Plan(status={}, accepted=res.accepted)
-    restarts = _next_phase(run.ref, spec, old, obs, mlflow_run_id, st, plan)
+    restarts = _next_phase(run.ref, spec, old, obs, mlflow_run_id, st, plan, extra_egress)
     finished = st.status.phase in TERMINAL_PHASES
     desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
     cleanup = spec.cleanup.on_success if st.status.phase == "Succeeded" else spec.cleanup.on_failure
     deleting = finished and cleanup == "Delete"
-    _plan_children(run.ref, spec, obs, desired, deleting, full, plan)
+    _plan_children(run.ref, spec, obs, desired, deleting, full, plan, extra_egress)
     _record_status(spec, old, obs, now, desired, deleting, restarts, mlflow, st)
     plan.status = st.build()
     plan.events = transition_events(old, plan.status)
@@ -324,6 +329,7 @@ def _next_phase(
     mlflow_run_id: str | None,
     st: StatusBuilder,
     plan: Plan,
+    extra_egress: Sequence[dict[str, Any]],
 ) -> int:
     """Set the phase and the trainer actions; returns the restart count (a failure just observed counts)."""
     restarts = int(old.get("restarts") or 0)
@@ -333,7 +339,7 @@ def _next_phase(
     elif obs.job is not None:
         restarts = _trainer_phase(spec, old, obs.job, restarts, mlflow_run_id, st, plan)
     else:
-        _admission_phase(ref, spec, obs, mlflow_run_id, restarts, st, plan)
+        _admission_phase(ref, spec, obs, mlflow_run_id, restarts, st, plan, extra_egress)
     return restarts
 
 
@@ -402,6 +408,7 @@ def _admission_phase(
     restarts: int,
     st: StatusBuilder,
     plan: Plan,
+    extra_egress: Sequence[dict[str, Any]],
 ) -> None:
     """No trainer Job: start one once the run is not suspended and its MLflow run and every rollout replica exist."""
     rollout = obs.rollout
@@ -413,24 +420,31 @@ def _admission_phase(
         ready = rollout.ready if rollout else 0
         st.phase("Pending", "WaitingForRollout", f"{ready}/{spec.rollout.replicas} rollout replicas ready")
     else:
-        plan.ensure = manifests.supporting_children(ref, spec)
+        plan.ensure = manifests.supporting_children(ref, spec, extra_egress)
         plan.create_job = manifests.trainer_job(ref, spec, restarts, mlflow_run_id)
         st.phase("Pending", "TrainerStarting", f"creating the trainer Job (attempt {restarts})")
 
 
 def _plan_children(
-    ref: RunRef, spec: LuffyRunSpec, obs: Observed, desired: int, deleting: bool, full: bool, plan: Plan
+    ref: RunRef,
+    spec: LuffyRunSpec,
+    obs: Observed,
+    desired: int,
+    deleting: bool,
+    full: bool,
+    plan: Plan,
+    extra_egress: Sequence[dict[str, Any]],
 ) -> None:
     """The rollout at its desired size, the supporting children kept in line, or the workloads removed on cleanup."""
     rollout = obs.rollout
     if spec.uses_rollouts and not deleting:
         if rollout is None:
-            plan.ensure = plan.ensure or manifests.supporting_children(ref, spec)
+            plan.ensure = plan.ensure or manifests.supporting_children(ref, spec, extra_egress)
             plan.ensure.append(manifests.rollout_statefulset(ref, spec, desired))
         elif rollout.replicas != desired:
             plan.scale_rollout = desired
     if full and not plan.ensure and not deleting:
-        plan.ensure = manifests.supporting_children(ref, spec)
+        plan.ensure = manifests.supporting_children(ref, spec, extra_egress)
     if deleting and (obs.job is not None or rollout is not None):
         plan.delete = _workload_keys(ref, spec)
 
@@ -510,7 +524,8 @@ def _mlflow_status(spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, st
         reason = "MlflowUnreachable" if seen.unreachable else "MlflowError"
         st.condition("MlflowReady", False, reason, seen.error)
     elif mlflow.get("runId"):
-        st.condition("MlflowReady", True, "RunCreated", f"MLflow run {mlflow['runId']}")
+        how = f" ({seen.credentials})" if seen.credentials else ""
+        st.condition("MlflowReady", True, "RunCreated", f"MLflow run {mlflow['runId']}{how}")
     else:
         st.condition("MlflowReady", False, "RunNotCreated", "the MLflow run is not created yet")
     return MlflowStatus.model_validate(mlflow)

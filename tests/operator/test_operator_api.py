@@ -64,7 +64,7 @@ def test_every_trainer_config_section_is_mapped_by_the_operator() -> None:
 
 
 def test_rollout_sampling_reuses_the_trainer_fields_and_their_limits() -> None:
-    set_by_the_operator = {"backend", "server_urls", "weight_sync_host", "weight_sync_port"}
+    set_by_the_operator = {"backend", "server_urls", "control_token_file", "weight_sync_host", "weight_sync_port"}
     assert set(RolloutSampling.model_fields) == set(RolloutConfig.model_fields) - set_by_the_operator
     for bad in ({"topP": 1.5}, {"gpuMemoryUtilization": 0}, {"topK": -2}):
         with pytest.raises(ValidationError):

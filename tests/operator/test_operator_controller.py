@@ -26,6 +26,10 @@ class RecordingKube:
     def get(self, key: ObjectKey) -> dict[str, Any] | None:
         return self.objects.get(f"{key.kind}/{key.name}")
 
+    def get_metadata(self, key: ObjectKey) -> dict[str, Any] | None:
+        obj = self.get(key)
+        return None if obj is None else {"metadata": obj.get("metadata") or {}}
+
     def create(self, obj: dict[str, Any]) -> bool:
         self._act("create", ObjectKey.of(obj))
         return True

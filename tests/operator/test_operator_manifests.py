@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import kubernetes_validate
@@ -236,6 +237,86 @@ def test_network_policies_admit_only_the_runs_own_pods() -> None:
     (peer,) = rule["from"]
     selected = peer["podSelector"]["matchLabels"].items()
     assert selected <= trainer_pod_labels.items() and selected <= rollout_pod_labels.items()
+
+
+# An installation's extra egress (OperatorSettings.run_egress): MLflow in its namespace, the API server, a proxy, and
+# two careless blocks that contain the cloud metadata addresses.
+EXTRA_EGRESS = (
+    {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "luffy-system"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/component": "mlflow"}},
+            }
+        ],
+        "ports": [{"protocol": "TCP", "port": 5000}],
+    },
+    {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]},
+    {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}, {"ipBlock": {"cidr": "::/0"}}]},
+)
+
+
+def test_network_policies_limit_egress_to_the_run_dns_and_the_installations_rules() -> None:
+    spec = SPECS["full"]
+    policies = manifests.network_policies(REF, spec, EXTRA_EGRESS)
+    assert [p["metadata"]["name"] for p in policies] == ["demo-trainer", "demo-rollout"]
+    pods = {c: by_kind(all_children(spec), k)["spec"]["template"]["metadata"]["labels"] for c, k in
+            (("trainer", "Job"), ("rollout", "StatefulSet"))}  # fmt: skip
+    for policy in policies:
+        kubernetes_validate.validate(policy, "1.32", strict=True)
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        own, dns, mlflow, api, wide = policy["spec"]["egress"]
+        (peer,) = own["to"]
+        assert "ports" not in own and all(
+            peer["podSelector"]["matchLabels"].items() <= p.items() for p in pods.values()
+        )
+        assert dns["to"] == [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+        ]
+        assert dns["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+        assert (mlflow, api) == EXTRA_EGRESS[:2]
+        v4, v6 = (peer["ipBlock"] for peer in wide["to"])
+        assert v4 == {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "169.254.169.254/32"]}
+        assert v6 == {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}
+    assert EXTRA_EGRESS[2]["to"][1]["ipBlock"] == {"cidr": "::/0"}  # the settings themselves are not changed
+    # Without extra rules: the run's pods and DNS, nothing else (no MLflow, no internet, no metadata).
+    for policy in manifests.network_policies(REF, spec):
+        assert len(policy["spec"]["egress"]) == 2
+    assert [p["metadata"]["name"] for p in manifests.network_policies(REF, SPECS["sft"])] == ["demo-trainer"]
+
+
+def test_the_control_token_secret_is_made_once_and_mounted_as_a_file() -> None:
+    spec = SPECS["full"]
+    children = manifests.supporting_children(REF, spec)
+    secret = children[0]  # before anything that mounts it
+    assert manifests.is_control_secret(secret) and secret["metadata"]["name"] == "demo-control"
+    assert secret["immutable"] is True and "data" not in secret  # the controller adds the random token
+    filled = manifests.with_control_token(secret, "ab" * 32)
+    kubernetes_validate.validate(filled, "1.32", strict=True)
+    assert base64.b64decode(filled["data"][contract.CONTROL_TOKEN_KEY]).decode() == "ab" * 32
+    assert "data" not in secret
+    sts = manifests.rollout_statefulset(REF, spec, 3)
+    job = manifests.trainer_job(REF, spec, 0, None)
+    for workload in (sts, job):
+        pod = workload["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "control-token"]
+        assert mount == {"name": "control-token", "mountPath": contract.CONTROL_TOKEN_DIR, "readOnly": True}
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "control-token"]
+        assert volume["secret"]["secretName"] == "demo-control" and volume["secret"]["defaultMode"] == 0o440
+        assert not [e for e in container["env"] if "control" in e["name"].lower()]  # a file, not the environment
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--control-token-file") + 1] == contract.CONTROL_TOKEN_FILE
+    assert args.index("--control-token-file") < args.index("--")  # serve-rollout's own option, not vLLM's
+    assert manifests.train_config(REF, spec).rollout.control_token_file == contract.CONTROL_TOKEN_FILE
+    sft = SPECS["sft"]
+    assert not [c for c in manifests.supporting_children(REF, sft) if c["kind"] == "Secret"]
+    pod = manifests.trainer_job(REF, sft, 0, None)["spec"]["template"]["spec"]
+    assert "control-token" not in {v["name"] for v in pod["volumes"]}
+    assert manifests.train_config(REF, sft).rollout.control_token_file is None
 
 
 def test_trainer_may_patch_only_its_own_status() -> None:

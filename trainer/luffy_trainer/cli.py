@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of GPU memory vLLM may use")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (fast start)")
     p.add_argument("--served-model-name", default="policy", help="model name in the OpenAI API")
+    p.add_argument(
+        "--control-token-file",
+        default=None,
+        help="file with the run's control token: every route but /health then needs `Authorization: Bearer <token>`",
+    )
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra arguments passed to vLLM after `--`")
 
     return parser

@@ -211,6 +211,14 @@ class RolloutConfig(Section):
         default_factory=list,
         description="Base URLs of the rollout servers (backend vllm-server); a LuffyRun's operator writes them.",
     )
+    control_token_file: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "File with the rollout servers' control token, sent as `Authorization: Bearer` on every request to them "
+            "(backend vllm-server; a LuffyRun's operator mounts it); null: none."
+        ),
+    )
     weight_sync_host: str = Field(
         "127.0.0.1", min_length=1, description="Address the rollout servers reach trainer rank 0 at for weight sync."
     )

@@ -63,6 +63,20 @@ ENV_MLFLOW_USERNAME = "MLFLOW_TRACKING_USERNAME"
 ENV_MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 ENV_MLFLOW_TOKEN = "MLFLOW_TRACKING_TOKEN"
 
+# --- the rollout control token (per run: Secret `<run>-control`, made by the operator, mounted as a file) ---------
+
+CONTROL_SECRET_SUFFIX = "-control"
+CONTROL_TOKEN_KEY = "token"  # the Secret's key, and the file's name in the mount
+CONTROL_TOKEN_DIR = "/var/run/luffy/control"
+CONTROL_TOKEN_FILE = f"{CONTROL_TOKEN_DIR}/{CONTROL_TOKEN_KEY}"  # what `rollout.control_token_file` names in a pod
+CONTROL_OPEN_PATHS = ("/health",)  # the only rollout-server routes served without the token (the kubelet's probes)
+
+
+def control_secret_name(run_name: str) -> str:
+    """The Secret holding run `run_name`'s rollout control token."""
+    return f"{run_name}{CONTROL_SECRET_SUFFIX}"
+
+
 # --- ports ---------------------------------------------------------------------------------------------------------
 
 ROLLOUT_PORT = 8000  # HTTP port of a rollout server (`luffy serve-rollout`)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from luffy_trainer import contract
 from luffy_trainer.config import RolloutConfig, TrainConfig
 from luffy_trainer.rollout.base import RolloutEngine, RolloutError
+from luffy_trainer.rollout.control import ControlTokenError, read_token
 
 
 def rollout_server_urls(config: RolloutConfig) -> list[str]:
@@ -62,8 +63,15 @@ def build_rollout_engine(config: TrainConfig, model_path: str) -> RolloutEngine:
 
         urls = rollout_server_urls(rollout)
         host, port = weight_sync_address(rollout, len(urls))
+        token = None
+        if rollout.control_token_file is not None:
+            try:
+                token = read_token(rollout.control_token_file)
+            except ControlTokenError as exc:
+                raise RolloutError(f"rollout.control_token_file: {exc}") from None
         return VLLMServerClient(
             urls,
+            control_token=token,
             sync_host=host,
             sync_port=port,
             sync_backend=resolve_sync_backend(rollout.weight_sync_backend),

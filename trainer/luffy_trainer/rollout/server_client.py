@@ -13,6 +13,8 @@ only when it still runs the process that last received weights from this client 
 that restarted (new process id) is re-joined and sent the current weights before any generation request goes to it; for
 that the client keeps the last update's bytes in host memory (one copy of the weights, in the dtype sent).
 
+With a control token (`rollout.control_token_file`, see `control`), every request carries it as a Bearer header.
+
 Not thread-safe: call generate and update_weights from one thread, never at the same time.
 """
 
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from luffy_trainer import contract
-from luffy_trainer.rollout import weight_sync
+from luffy_trainer.rollout import control, weight_sync
 from luffy_trainer.rollout.base import Completion, RolloutError, RolloutUnreachable, SamplingParams
 from luffy_trainer.rollout.common import (
     check_request,
@@ -109,6 +111,7 @@ class VLLMServerClient:
         max_inflight_requests: int = 64,
         request_attempts: int = 5,
         float_dtype: str | None = None,
+        control_token: str | None = None,
     ) -> None:
         if not urls:
             raise RolloutError("VLLMServerClient needs at least one server URL")
@@ -127,6 +130,7 @@ class VLLMServerClient:
         self._float_dtype = None if float_dtype in (None, "auto") else weight_sync.torch_dtype(float_dtype)
         self._version = 0
         self._kept: list[tuple[weight_sync.Bucket, torch.Tensor]] | None = None  # last update, in host memory
+        self._headers = control.authorization(control_token) if control_token else {}
         self._local = threading.local()
         self._inflight_lock = threading.Lock()
         self._requests = ThreadPoolExecutor(max_inflight_requests, thread_name_prefix="luffy-rollout")
@@ -380,6 +384,7 @@ class VLLMServerClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            session.headers.update(self._headers)
         return session
 
     def _healthy(self, replica: _Replica) -> bool:
@@ -396,6 +401,11 @@ class VLLMServerClient:
             raise _Retryable(f"{replica.url}{path}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 500:
             raise _Retryable(f"{replica.url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+        if response.status_code == 401:
+            raise RolloutError(
+                f"{replica.url}{path} answered HTTP 401: the server wants its run's control token "
+                "(set rollout.control_token_file to the file that holds it)"
+            )
         if response.status_code != 200:
             raise RolloutError(f"{replica.url}{path} answered HTTP {response.status_code}: {response.text[:1000]}")
         return response.json() if response.content else {}
