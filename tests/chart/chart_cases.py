@@ -72,6 +72,18 @@ VALID: dict[str, dict[str, Any]] = {
         },
     },
     "keepless": {"crds": {"keep": False}},
+    "operator-credentials": {
+        "operator": {
+            "mlflow": {
+                "trackingUri": "https://mlflow.example.com",
+                "credentialsSecret": "operator-mlflow",
+                "usernameKey": "user",
+            },
+            "runEgress": [
+                {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]},
+            ],
+        },
+    },
 }
 
 # values -> a fragment every error message for them must contain (the field at fault, or the cause).
@@ -102,6 +114,15 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         "/mlflow/artifacts/s3/destination",
     ),
     "bad-port": ({"mlflow": {"service": {"port": 70000}}}, "/mlflow/service/port"),
+    "bad-operator-credentials-http": (
+        {"operator": {"mlflow": {"trackingUri": "http://mlflow:5000", "credentialsSecret": "creds"}}},
+        "credentials go over https only",
+    ),
+    "bad-operator-credentials-nowhere": (
+        {"operator": {"mlflow": {"credentialsSecret": "creds"}}},
+        "operator.mlflow.credentialsSecret needs operator.mlflow.trackingUri",
+    ),
+    "bad-run-egress": ({"operator": {"runEgress": [{"from": []}]}}, "/operator/runEgress/0"),
     "bad-watch-timeouts": (
         {"operator": {"settings": {"watchServerTimeoutSeconds": 300, "watchClientTimeoutSeconds": 300}}},
         "watchClientTimeoutSeconds (300) must be greater than watchServerTimeoutSeconds (300)",

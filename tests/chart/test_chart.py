@@ -142,15 +142,56 @@ def test_liveness_probe_targets_kopfs_liveness_endpoint() -> None:
     assert endpoint.hostname == "0.0.0.0"  # the kubelet probes the pod IP
 
 
-@pytest.mark.parametrize("release", ["luffy", "customized"])
+# The settings from operator.settings (the numbers); the operator's MLflow credentials come by secretKeyRef, if at all.
+TUNABLES = {f.name for f in dataclasses.fields(OperatorSettings) if type(f.default) in (int, float)}
+CREDENTIALS = {f"LUFFY_OPERATOR_MLFLOW_{k}" for k in ("USERNAME", "PASSWORD", "TOKEN")}
+
+
+@pytest.mark.parametrize("release", ["luffy", "customized", "operator-credentials"])
 def test_operator_settings_reach_the_operator(release: str) -> None:
     env = {name: e["value"] for name, e in env_of(operator_container(release)).items() if "value" in e}
     settings = OperatorSettings.from_env(env)
     given = VALID[release].get("operator", {}).get("settings")
     expected = OperatorSettings() if given is None else OperatorSettings(**{_snake(k): v for k, v in given.items()})
-    assert settings == expected
+    assert {n: getattr(settings, n) for n in TUNABLES} == {n: getattr(expected, n) for n in TUNABLES}
     names = {f"LUFFY_OPERATOR_{f.name.upper()}" for f in dataclasses.fields(OperatorSettings)}
-    assert names == {n for n in env if n.startswith("LUFFY_OPERATOR_")}
+    assert names - CREDENTIALS == {n for n in env if n.startswith("LUFFY_OPERATOR_")}
+
+
+def test_the_operators_mlflow_credentials_come_from_its_own_secret() -> None:
+    env = env_of(operator_container("operator-credentials"))
+    for var, key in (("USERNAME", "user"), ("PASSWORD", "password"), ("TOKEN", "token")):
+        ref = {"name": "operator-mlflow", "key": key, "optional": True}
+        assert env[f"LUFFY_OPERATOR_MLFLOW_{var}"] == {
+            "name": f"LUFFY_OPERATOR_MLFLOW_{var}",
+            "valueFrom": {"secretKeyRef": ref},
+        }
+    literal = {name: e["value"] for name, e in env.items() if "value" in e}
+    settings = OperatorSettings.from_env(literal)
+    assert settings.mlflow_tracking_uri == "https://mlflow.example.com" and not settings.mlflow_allow_http
+    assert settings.run_egress == tuple(VALID["operator-credentials"]["operator"]["runEgress"])
+    for release in ("luffy", "mlflow-sqlite"):  # no credentials: no secretKeyRef in the operator's environment
+        assert not CREDENTIALS & env_of(operator_container(release)).keys()
+
+
+def test_with_the_charts_mlflow_the_runs_may_reach_its_pods() -> None:
+    literal = {n: e["value"] for n, e in env_of(operator_container("mlflow-sqlite")).items() if "value" in e}
+    settings = OperatorSettings.from_env(literal)
+    name = f"{fullname('mlflow-sqlite')}-mlflow"
+    assert settings.mlflow_tracking_uri == f"http://{name}.{NAMESPACE}.svc:5000"
+    (rule,) = settings.run_egress
+    (peer,) = rule["to"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    mlflow_pod = one(release_objects("mlflow-sqlite"), "Deployment", name)["spec"]["template"]
+    assert peer["podSelector"]["matchLabels"].items() <= mlflow_pod["metadata"]["labels"].items()
+    (port,) = mlflow_pod["spec"]["containers"][0]["ports"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port["containerPort"]}]
+    assert (
+        OperatorSettings.from_env(
+            {n: e["value"] for n, e in env_of(operator_container("luffy")).items() if "value" in e}
+        ).run_egress
+        == ()
+    )
 
 
 def _snake(camel: str) -> str:

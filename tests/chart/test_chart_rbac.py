@@ -32,7 +32,7 @@ RUN_GRANTS: set[Grant] = {
     ("", "persistentvolumeclaims", "create"),
     *{("", "services", v) for v in ("create", "patch", "delete")},
     *{("", "serviceaccounts", v) for v in ("create", "delete")},
-    ("", "secrets", "get"),
+    *{("", "secrets", v) for v in ("get", "create")},  # an opted-in MLflow Secret; the run's control token
     *{("apps", "statefulsets", v) for v in ("get", "create", "patch", "delete")},
     *{("batch", "jobs", v) for v in ("get", "create", "delete")},
     *{("networking.k8s.io", "networkpolicies", v) for v in ("create", "delete")},

@@ -98,7 +98,7 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   verbs: [create, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create]
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [get, create, patch, delete]
@@ -127,10 +127,41 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   verbs: [list, watch]
 {{- end }}
 
+{{/* The MLflow server the operator's own credentials are for: operator.mlflow.trackingUri, else the chart's. */}}
+{{- define "luffy.operatorMlflowUri" -}}
+{{- if .Values.operator.mlflow.trackingUri }}
+{{- .Values.operator.mlflow.trackingUri }}
+{{- else if .Values.mlflow.enabled }}
+{{- printf "http://%s.%s.svc:%v" (include "luffy.mlflowName" .) .Release.Namespace .Values.mlflow.service.port }}
+{{- end }}
+{{- end }}
+
+{{/* The egress rules of every run's pods besides their own and DNS (JSON): operator.runEgress, plus the chart's
+MLflow pods on their container port when mlflow.enabled. */}}
+{{- define "luffy.runEgress" -}}
+{{- $rules := .Values.operator.runEgress }}
+{{- if .Values.mlflow.enabled }}
+{{- $pods := include "luffy.selectorLabels" (dict "root" . "component" "mlflow") | fromYaml }}
+{{- $peer := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" $pods) }}
+{{- $rules = append $rules (dict "to" (list $peer) "ports" (list (dict "protocol" "TCP" "port" 5000))) }}
+{{- end }}
+{{- toJson $rules }}
+{{- end }}
+
 {{/* Cross-field checks that values.schema.json cannot express. */}}
 {{- define "luffy.validate" -}}
 {{- $s := .Values.operator.settings }}
 {{- if le ($s.watchClientTimeoutSeconds | float64) ($s.watchServerTimeoutSeconds | float64) }}
 {{- fail (printf "operator.settings.watchClientTimeoutSeconds (%v) must be greater than watchServerTimeoutSeconds (%v): the client would cut every watch before the server ends it" $s.watchClientTimeoutSeconds $s.watchServerTimeoutSeconds) }}
+{{- end }}
+{{- $m := .Values.operator.mlflow }}
+{{- if $m.credentialsSecret }}
+{{- $uri := include "luffy.operatorMlflowUri" . }}
+{{- if not $uri }}
+{{- fail "operator.mlflow.credentialsSecret needs operator.mlflow.trackingUri (or mlflow.enabled): the server those credentials are for" }}
+{{- end }}
+{{- if and (not (hasPrefix "https://" $uri)) (not $m.allowHttp) }}
+{{- fail (printf "operator.mlflow: credentials go over https only, and the MLflow server is %s (set operator.mlflow.allowHttp=true to allow http)" $uri) }}
+{{- end }}
 {{- end }}
 {{- end }}
