@@ -100,10 +100,7 @@ class Controller:
             return MlflowView()
         how = ""
         try:
-            credentials, how = self.mlflow_credentials(spec, run.ref.namespace)
-            client = MlflowRestClient(
-                spec.mlflow.tracking_uri or "", credentials, timeout_s=self.settings.mlflow_timeout_seconds
-            )
+            client, how = self.mlflow_client(spec, run.ref.namespace)
             if not run_id:
                 created = client.ensure_run(
                     spec.mlflow.experiment_name,
@@ -121,11 +118,12 @@ class Controller:
         except ApiError as err:  # e.g. no permission to read the Secret's labels
             return MlflowView(error=f"spec.mlflow.credentialsSecret: {err}")
 
-    def mlflow_client(self, spec: LuffyRunSpec, namespace: str) -> MlflowRestClient:
+    def mlflow_client(self, spec: LuffyRunSpec, namespace: str) -> tuple[MlflowRestClient, str]:
+        """A client of the run's tracking server with the credentials `mlflow_credentials` allows, and why those."""
         m = spec.mlflow
         assert m is not None and m.tracking_uri is not None
-        credentials, _ = self.mlflow_credentials(spec, namespace)
-        return MlflowRestClient(m.tracking_uri, credentials, timeout_s=self.settings.mlflow_timeout_seconds)
+        credentials, how = self.mlflow_credentials(spec, namespace)
+        return MlflowRestClient(m.tracking_uri, credentials, timeout_s=self.settings.mlflow_timeout_seconds), how
 
     def mlflow_credentials(self, spec: LuffyRunSpec, namespace: str) -> tuple[MlflowCredentials | None, str]:
         """What the operator's own MLflow calls for this run authenticate with, and why (for the condition).
@@ -203,8 +201,8 @@ class Controller:
             attempt(f"deleting {key}", lambda k=key: self.kube.delete(k))
         if plan.fail_mlflow_run and spec is not None and spec.mlflow is not None:
             try:
-                self.mlflow_client(spec, ref.namespace).mark_failed(plan.fail_mlflow_run)
-            except MlflowError as err:
+                self.mlflow_client(spec, ref.namespace)[0].mark_failed(plan.fail_mlflow_run)
+            except (MlflowError, ApiError) as err:
                 log.warning("could not mark MLflow run %s failed: %s", plan.fail_mlflow_run, err)
         return errors
 

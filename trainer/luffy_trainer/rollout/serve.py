@@ -109,7 +109,8 @@ def server_env(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, s
             token = control.read_token(args.control_token_file)
         except control.ControlTokenError as exc:
             raise ServeError(str(exc)) from None
-        env.update({control.ENV_TOKEN_FILE: str(Path(args.control_token_file).resolve()), "VLLM_API_KEY": token})
+        # abspath, not resolve: a Secret volume's file is a symlink into a directory the kubelet may swap.
+        env.update({control.ENV_TOKEN_FILE: os.path.abspath(args.control_token_file), "VLLM_API_KEY": token})
     return env
 
 
