@@ -66,7 +66,8 @@ app.kubernetes.io/part-of: luffy
 What the operator does in the namespaces of its runs, and nothing more (operator/luffy_operator/kube.py,
 controller.py, reconcile.py; kopf's finalizer, annotation and status patches and its Events). The run's children are
 created, and deleted on cleanup; only the trainer config (its ConfigMap: rollout server URLs), the trainer Service
-(ports) and the rollout StatefulSet (replicas) are patched.
+(ports) and the rollout StatefulSet (replicas) are patched. Secrets: create only (the per-run token Secret, owned by
+the run and garbage-collected with it); the operator reads no Secret, so it cannot be made to pass one on.
 The trainer's Role grants get on its LuffyRun and get/patch on its status, which the operator must hold itself
 (RBAC refuses to create a Role granting more than its creator has); the children's ownerReferences set
 blockOwnerDeletion, which needs update on luffyruns/finalizers.
@@ -98,7 +99,7 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   verbs: [create, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [create]
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [get, create, patch, delete]
