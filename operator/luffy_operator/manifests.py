@@ -4,7 +4,7 @@ Children of run `r` in namespace `ns`:
   r-config       ConfigMap      the complete trainer config (/etc/luffy/config.yaml): rollout backend `vllm-server`,
                                 the rollout server URLs and the weight-sync address included
   r-rollout      Service        headless; pods r-rollout-<i>.r-rollout.ns.svc serve vLLM on contract.ROLLOUT_PORT
-  r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness probes on /health)
+  r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness/liveness probes on /health)
   r-trainer      Service        headless; r-trainer-0.r-trainer.ns.svc is the torchrun rendezvous and weight-sync host
   r-trainer      Job            Indexed, one pod per node, `torchrun ... -m luffy_trainer.cli train`
   r-rollout      NetworkPolicy  only the run's trainer pods reach the rollout pods
@@ -19,13 +19,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.utils import parse_quantity
 from luffy_trainer import contract
 from luffy_trainer.config import CheckpointConfig, RolloutConfig, TrackingConfig, TrainConfig, dump_config
 from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, RENDEZVOUS_PORT, ROLLOUT_PORT
 
 from luffy_operator.api import (
+    ROLLOUT_RESOURCE_DEFAULTS,
+    TRAINER_RESOURCE_DEFAULTS,
     CheckpointSchedule,
     LuffyRunSpec,
+    Quantity,
+    ResourceRequirements,
     RolloutSampling,
 )
 
@@ -192,42 +197,65 @@ def _container_security_context() -> dict[str, Any]:
     }
 
 
-def _resources(requirements: Any, gpu_name: str, gpus: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if requirements.requests:
-        out["requests"] = dict(requirements.requests)
-    limits = dict(requirements.limits)
+def container_resources(
+    requirements: ResourceRequirements,
+    defaults: ResourceRequirements,
+    gpu_name: str,
+    gpus: int,
+    scratch: list[Quantity],
+) -> dict[str, Any]:
+    """Requests and limits that bound every container: cpu and memory the spec names in neither take `defaults`, one
+    named only as a request is also the limit and one named only as a limit also the request (as Kubernetes does);
+    GPUs are requested as many as limited; ephemeral storage is requested for the disk-backed emptyDirs (`scratch`,
+    their size limits), so the scheduler places the pod where they fit."""
+    requests, limits = dict(requirements.requests), dict(requirements.limits)
+    for name in ("cpu", "memory"):
+        if name not in requests and name not in limits:
+            requests[name], limits[name] = defaults.requests[name], defaults.limits[name]
+        requests.setdefault(name, limits.get(name))
+        limits.setdefault(name, requests[name])
+    if scratch:
+        requests.setdefault("ephemeral-storage", _bytes(sum(parse_quantity(q) for q in scratch)))
     if gpus:
-        limits[gpu_name] = gpus
-    if limits:
-        out["limits"] = limits
-    return out
+        requests[gpu_name] = limits[gpu_name] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _bytes(amount: Any) -> str:
+    """A byte count as a quantity, in Gi or Mi when it is a whole number of them."""
+    amount = int(amount)
+    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20)):
+        if amount % size == 0:
+            return f"{amount // size}{unit}"
+    return str(amount)
 
 
 def _user_env(env: list[Any]) -> list[dict[str, Any]]:
     return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in env]
 
 
-def _shared_volumes(spec: LuffyRunSpec, shm_limit: int | str | None) -> list[dict[str, Any]]:
-    """/dev/shm in memory (NCCL and vLLM need more than the runtime's 64Mi), a writable /tmp (the root filesystem is
-    read-only), the model cache and the data volume."""
-    shm: dict[str, Any] = {"medium": "Memory"}
-    if shm_limit is not None:
-        shm["sizeLimit"] = shm_limit
+def _shared_volumes(spec: LuffyRunSpec, shm_limit: Quantity, tmp_limit: Quantity) -> list[dict[str, Any]]:
+    """/dev/shm in memory (NCCL and vLLM need more than the runtime's 64Mi; it counts against the memory limit), a
+    writable /tmp (the root filesystem is read-only), the model cache and the data volume; every emptyDir bounded."""
     cache: dict[str, Any]
     if spec.model_cache.claim_name:
         cache = {"persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}
     else:
-        cache = {"emptyDir": {"sizeLimit": spec.model_cache.size_limit} if spec.model_cache.size_limit else {}}
+        cache = {"emptyDir": {"sizeLimit": spec.model_cache.size_limit}}
     volumes = [
-        {"name": "dshm", "emptyDir": shm},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_limit}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": tmp_limit}},
         {"name": "model-cache", **cache},
     ]
     if spec.data_volume is not None:
         d = spec.data_volume
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": d.claim_name, "readOnly": d.read_only}})
     return volumes
+
+
+def _scratch(spec: LuffyRunSpec, tmp_limit: Quantity) -> list[Quantity]:
+    """Size limits of a pod's emptyDirs on the node's disk: /tmp, and the model cache unless it is a PVC."""
+    return [tmp_limit] + ([] if spec.model_cache.claim_name else [spec.model_cache.size_limit])
 
 
 def _shared_mounts(spec: LuffyRunSpec) -> list[dict[str, Any]]:
@@ -305,7 +333,7 @@ def rollout_service(run: RunRef) -> Manifest:
 
 def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manifest:
     r = spec.rollout
-    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_SECONDS}
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_SECONDS, "timeoutSeconds": 5}
     container = {
         "name": "vllm",
         "image": spec.rollout_image,
@@ -319,7 +347,16 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
             "failureThreshold": math.ceil(r.startup_timeout_seconds / PROBE_PERIOD_SECONDS),
         },
         "readinessProbe": {**probe, "failureThreshold": 3},
-        "resources": _resources(r.resources, spec.scheduling.gpu_resource_name, r.gpus_per_replica),
+        # After start-up: a replica whose server stops answering for a minute is restarted (vLLM's /health does not
+        # wait for the engine, so a long generation or weight update does not fail it).
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "resources": container_resources(
+            r.resources,
+            ROLLOUT_RESOURCE_DEFAULTS,
+            spec.scheduling.gpu_resource_name,
+            r.gpus_per_replica,
+            _scratch(spec, r.tmp_size_limit),
+        ),
         "volumeMounts": _shared_mounts(spec),
         "securityContext": _container_security_context(),
     }
@@ -339,7 +376,7 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
                     **_pod_placement(spec),
                     "automountServiceAccountToken": False,
                     "containers": [container],
-                    "volumes": _shared_volumes(spec, r.shm_size_limit),
+                    "volumes": _shared_volumes(spec, r.shm_size_limit, r.tmp_size_limit),
                 },
             },
         },
@@ -451,7 +488,7 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
     volumes = [
         {"name": "config", "configMap": {"name": run.config_map, "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
-        *_shared_volumes(spec, t.shm_size_limit),
+        *_shared_volumes(spec, t.shm_size_limit, t.tmp_size_limit),
     ]
     container = {
         "name": "trainer",
@@ -461,7 +498,13 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
         "args": torchrun_args(run, spec),
         "env": trainer_env(run, spec, mlflow_run_id),
         "ports": ports,
-        "resources": _resources(t.resources, spec.scheduling.gpu_resource_name, t.gpus_per_node),
+        "resources": container_resources(
+            t.resources,
+            TRAINER_RESOURCE_DEFAULTS,
+            spec.scheduling.gpu_resource_name,
+            t.gpus_per_node,
+            _scratch(spec, t.tmp_size_limit),
+        ),
         "volumeMounts": mounts,
         "securityContext": _container_security_context(),
     }
@@ -489,6 +532,7 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
                     **_pod_placement(spec),
                     "subdomain": run.trainer,
                     "restartPolicy": "Never",
+                    # Its token is mounted: the trainer reports progress through its Role (rollout pods mount none).
                     "serviceAccountName": run.trainer,
                     "containers": [container],
                     "volumes": volumes,
