@@ -34,6 +34,9 @@ VALID: dict[str, dict[str, Any]] = {
             "image": OWN_MLFLOW_IMAGE,
             "backendStore": POSTGRES,
             "extraAllowedHosts": ["ml.example.com"],
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "8Gi"}},
+            "tmpSizeLimit": "4Gi",
+            "networkPolicy": {"from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]},
         },
     },
     "mlflow-sqlite-s3": {
@@ -50,6 +53,7 @@ VALID: dict[str, dict[str, Any]] = {
         "fullnameOverride": "lr-ctl",
         "crds": {"install": False},
         "rbac": {"create": False},
+        "networkPolicy": {"create": False},
         "serviceAccount": {"create": False, "name": "platform-operator"},
         "operator": {
             "replicas": 0,
@@ -69,6 +73,9 @@ VALID: dict[str, dict[str, Any]] = {
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "control", "effect": "NoSchedule"}],
             "podAnnotations": {"example.com/team": "ml-platform"},
             "priorityClassName": "system-cluster-critical",
+            "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+            "tmpSizeLimit": "32Mi",
+            "readinessProbe": {"periodSeconds": 30},
         },
     },
     "keepless": {"crds": {"keep": False}},

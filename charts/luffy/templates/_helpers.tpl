@@ -53,6 +53,20 @@ app.kubernetes.io/part-of: luffy
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
 {{- end }}
 
+{{/*
+A container's resources with an ephemeral-storage request for its /tmp emptyDir unless the values give one; call
+with (dict "resources" .Values.x.resources "tmp" .Values.x.tmpSizeLimit).
+*/}}
+{{- define "luffy.resources" -}}
+{{- $resources := deepCopy .resources }}
+{{- $requests := default (dict) $resources.requests }}
+{{- if not (hasKey $requests "ephemeral-storage") }}
+{{- $_ := set $requests "ephemeral-storage" .tmp }}
+{{- end }}
+{{- $_ := set $resources "requests" $requests }}
+{{- toYaml $resources }}
+{{- end }}
+
 {{/* Whether MLflow keeps anything on its PVC: the sqlite database or the artifacts. */}}
 {{- define "luffy.mlflowUsesVolume" -}}
 {{- if or (eq .Values.mlflow.backendStore.type "sqlite") (eq .Values.mlflow.artifacts.type "pvc") }}true{{ end }}
