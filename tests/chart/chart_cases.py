@@ -19,6 +19,7 @@ S3 = {
         "existingSecret": "mlflow-s3",
     },
 }
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 OWN_MLFLOW_IMAGE = {"repository": "registry.example.com/luffy-mlflow", "tag": "0.1.0", "pullPolicy": "Always"}
 
 VALID: dict[str, dict[str, Any]] = {
@@ -58,7 +59,12 @@ VALID: dict[str, dict[str, Any]] = {
         "operator": {
             "replicas": 0,
             "verbose": True,
-            "image": {"repository": "registry.example.com:5000/luffy-operator", "tag": "dev", "pullPolicy": "Always"},
+            "image": {
+                "repository": "registry.example.com:5000/luffy-operator",
+                "tag": "dev",
+                "digest": DIGEST,
+                "pullPolicy": "Always",
+            },
             "imagePullSecrets": ["regcred"],
             "settings": {
                 "resyncSeconds": 2.5,
@@ -85,6 +91,7 @@ VALID: dict[str, dict[str, Any]] = {
 INVALID: dict[str, tuple[dict[str, Any], str]] = {
     "bad-replicas-type": ({"operator": {"replicas": "two"}}, "/operator/replicas"),
     "bad-replicas-ha": ({"operator": {"replicas": 2}}, "/operator/replicas"),
+    "bad-image-digest": ({"operator": {"image": {"digest": "latest"}}}, "/operator/image/digest"),
     "bad-namespace": ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
     "bad-workers": ({"operator": {"settings": {"workers": 0}}}, "/operator/settings/workers"),
     "bad-resync": ({"operator": {"settings": {"resyncSeconds": -1}}}, "/operator/settings/resyncSeconds"),

@@ -49,8 +49,13 @@ app.kubernetes.io/part-of: luffy
 {{- end }}
 {{- end }}
 
+{{/* repository:tag, pinned with @digest when the values give one; call with (dict "image" ... "tag" default-tag). */}}
+{{- define "luffy.image" -}}
+{{- printf "%s:%s" .image.repository (default .tag .image.tag) }}{{ with .image.digest }}@{{ . }}{{ end }}
+{{- end }}
+
 {{- define "luffy.operatorImage" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- include "luffy.image" (dict "image" .Values.operator.image "tag" .Chart.AppVersion) }}
 {{- end }}
 
 {{/*
