@@ -162,6 +162,8 @@ def test_every_container_and_emptydir_is_bounded(name: str) -> None:
         empty_dirs = {n: v["emptyDir"] for n, v in volumes.items() if "emptyDir" in v}
         assert all(d.get("sizeLimit") for d in empty_dirs.values()), (component, empty_dirs)
         assert empty_dirs["dshm"]["medium"] == "Memory"
+        # What /dev/shm holds counts against the memory limit: it must leave room for the process.
+        assert parse_quantity(empty_dirs["dshm"]["sizeLimit"]) < parse_quantity(limits["memory"]), component
         on_disk = sum(parse_quantity(d["sizeLimit"]) for d in empty_dirs.values() if d.get("medium") != "Memory")
         assert parse_quantity(requests["ephemeral-storage"]) == on_disk, component
 
