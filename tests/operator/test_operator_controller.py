@@ -58,16 +58,19 @@ def test_everything_the_trainer_mounts_is_created_before_its_job() -> None:
     assert {"ConfigMap/demo-config", "ServiceAccount/demo-trainer", "PersistentVolumeClaim/demo-checkpoints"} <= set(
         creates[:-1]
     )
-    assert outcome.errors == [] and outcome.status["reason"] == "TrainerStarting"
+    assert outcome.failure is None and outcome.status["reason"] == "TrainerStarting"
     assert outcome.accepted["rollout"]["replicas"] == 2  # what later edits are compared against
 
 
 def test_a_failed_action_is_reported_and_the_others_still_run() -> None:
     kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout()}, failing={"create ConfigMap"})
     outcome = Controller(kube, clock=lambda: "t").reconcile(body(), full=True)
-    assert len(outcome.errors) == 1 and "ConfigMap default/demo-config" in outcome.errors[0]
-    assert "422" in outcome.errors[0]
+    assert outcome.failure.permanent and "ConfigMap default/demo-config" in outcome.failure.message
+    assert "422" in outcome.failure.message and outcome.retry_in is None
     assert ("create", "Job/demo-trainer") in kube.calls
+    cond = next(c for c in outcome.status["conditions"] if c["type"] == "Reconciled")
+    assert (cond["status"], cond["reason"]) == ("False", "PermanentError")
+    assert [(e.type, e.reason) for e in outcome.events][-1] == ("Warning", "PermanentError")
 
 
 def test_suspending_deletes_the_job_in_the_foreground_and_scales_the_rollout() -> None:

@@ -18,7 +18,7 @@ from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef
 from luffy_operator.settings import OperatorSettings
-from luffy_trainer.k8s_status import LuffyRunStatusReporter
+from luffy_trainer.k8s_status import ProgressReporter
 from luffyrun_samples import INVALID_CASES, invalid_run, names_field, valid_run
 from operator_harness import (
     ACCOUNTS,
@@ -104,11 +104,11 @@ def mlflow_post(url: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any]
         return json.loads(r.read())
 
 
-def reporter_for(cluster: Cluster, name: str) -> LuffyRunStatusReporter:
+def reporter_for(cluster: Cluster, name: str, attempt: int = 0) -> ProgressReporter:
     config = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=config)
-    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(config))
-    return LuffyRunStatusReporter(name, "default", api, min_interval_s=0)
+    api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
+    return ProgressReporter(name, "default", api, min_interval_s=0, attempt=attempt)
 
 
 def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOperator, mlflow_uri: str) -> None:
@@ -130,9 +130,10 @@ def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOp
 
     # Children, the MLflow run, and no trainer until the rollout is ready.
     status = wait_for("Pending/WaitingForRollout", phase_is(cluster, "life", "Pending", "WaitingForRollout"))
-    owned = wait_for("all children", lambda: len(children_of(cluster, uid)) == 10 and children_of(cluster, uid))
+    owned = wait_for("all children", lambda: len(children_of(cluster, uid)) == 11 and children_of(cluster, uid))
     assert set(owned) == {
         "ConfigMap/life-config",
+        "ConfigMap/life-progress",
         "Service/life-rollout",
         "Service/life-trainer",
         "StatefulSet/life-rollout",
@@ -158,7 +159,7 @@ def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOp
     status = wait_for("Running", phase_is(cluster, "life", "Running"))
     assert status["startTime"]
 
-    # The trainer's progress report lands in status and survives the operator's own status updates.
+    # The trainer's progress report, checked and copied into status, survives the operator's own status updates.
     reporter_for(cluster, "life").report(step=3, total_steps=10, reward=0.25)
     wait_for("progress", lambda: cluster.status("life").get("progress", {}).get("step") == 3)
     set_rollout_ready(cluster, "life", 1)

@@ -1,4 +1,7 @@
-"""The reconciler's decisions (a pure function of the run and what was observed), scenario by scenario."""
+"""The reconciler's decisions (a pure function of the run and what was observed), scenario by scenario.
+
+`body(status=...)` stands for a run the operator has seen before: the status and the record annotation it wrote with
+it (the status fields the decisions read back). Forged statuses give the record explicitly."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import yaml
 from luffy_operator.api import dump_spec, parse_spec
 from luffy_operator.reconcile import (
     ACCEPTED_SPEC_ANNOTATION,
+    RECORD_ANNOTATION,
+    RECORD_FIELDS,
     JobView,
     MlflowView,
     Observed,
@@ -24,12 +29,22 @@ from luffyrun_samples import valid_run
 NOW = "2026-11-25T12:00:00Z"
 
 
-def body(status: dict[str, Any] | None = None, accepted: dict[str, Any] | None = None, **spec: Any) -> dict:
+def body(
+    status: dict[str, Any] | None = None,
+    accepted: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+    **spec: Any,
+) -> dict:
     obj = valid_run(**spec)
     obj["metadata"].update(uid="uid-1", generation=3)
+    status = status or {}
+    if record is None:
+        record = {k: v for k, v in status.items() if k in RECORD_FIELDS}
+    annotations = {RECORD_ANNOTATION: json.dumps(record)}
     if accepted is not None:
-        obj["metadata"]["annotations"] = {ACCEPTED_SPEC_ANNOTATION: json.dumps(accepted)}
-    obj["status"] = status or {}
+        annotations[ACCEPTED_SPEC_ANNOTATION] = json.dumps(accepted)
+    obj["metadata"]["annotations"] = annotations
+    obj["status"] = status
     return obj
 
 
@@ -174,7 +189,7 @@ def test_rescaling_the_rollout_restarts_the_trainer_with_the_new_endpoints() -> 
     assert (p.status["phase"], p.status["reason"], p.status["restarts"]) == ("Restarting", "RolloutRescaled", 0)
     grown = RolloutView(3, 3)
     new = plan(body(status=p.status, rollout={"replicas": 3, "gpusPerReplica": 0}), None, grown)
-    (cm,) = [c for c in new.ensure if c["kind"] == "ConfigMap"]
+    (cm,) = [c for c in new.ensure if c["metadata"]["name"] == "demo-config"]
     assert len(parse_config(yaml.safe_load(cm["data"]["config.yaml"])).rollout.server_urls) == 3
 
 
