@@ -422,7 +422,9 @@ class Condition(Section):
     """One aspect of the run's state (metav1.Condition shape)."""
 
     type: str = Field(
-        description="SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed."
+        description=(
+            "SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed."
+        )
     )
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field(description="CamelCase reason of the last transition.")

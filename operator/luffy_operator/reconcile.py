@@ -76,13 +76,17 @@ class RunView:
         md = body["metadata"]
         annotations = md.get("annotations") or {}
         accepted = read_annotation(annotations, ACCEPTED_SPEC_ANNOTATION)
+        status = _plain(body.get("status")) or {}
+        record = read_annotation(annotations, RECORD_ANNOTATION)
+        if RECORD_ANNOTATION not in annotations:  # a run from before the record: its status was the operator's own
+            record = {k: v for k, v in status.items() if k in RECORD_FIELDS}
         return cls(
             ref=RunRef(name=md["name"], namespace=md["namespace"], uid=md["uid"]),
             generation=int(md.get("generation") or 0),
             spec=_plain(body.get("spec")),
-            status=_plain(body.get("status")) or {},
+            status=status,
             accepted_spec=accepted or None,
-            record=read_annotation(annotations, RECORD_ANNOTATION),
+            record=record,
         )
 
 

@@ -105,9 +105,9 @@ def test_errors_are_classified_permanent_or_transient() -> None:
 
 
 def test_the_back_off_doubles_from_the_resync_interval_and_is_capped() -> None:
-    settings = OperatorSettings(resync_seconds=2.0, max_backoff_seconds=30.0)
-    assert [settings.backoff(r) for r in range(6)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
-    assert settings.backoff(10_000) == 30.0
+    settings = OperatorSettings(resync_seconds=20.0)
+    assert [settings.backoff(r) for r in range(6)] == [20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+    assert settings.backoff(10_000) == 300.0
 
 
 class BrokenKube(RecordingKube):

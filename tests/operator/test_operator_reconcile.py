@@ -305,6 +305,14 @@ def test_without_a_record_a_jobs_attempt_is_the_floor_of_the_restart_count() -> 
     assert (p.status["phase"], p.status["restarts"]) == ("Failed", 1)
 
 
+def test_a_run_from_before_the_record_is_seeded_from_its_status_once() -> None:
+    obj = body(status={"phase": "Succeeded", "reason": "TrainerSucceeded", "finalized": True, "restarts": 2})
+    del obj["metadata"]["annotations"][RECORD_ANNOTATION]
+    p = plan(obj, None, RolloutView(0, 0))  # its trainer Job gone long ago: not started again
+    assert (p.status["phase"], p.status["restarts"], p.create_job, p.scale_rollout) == ("Succeeded", 2, None, None)
+    assert p.record["finalized"] is True and p.record["restarts"] == 2
+
+
 def report(step: int = 3, attempt: int = 0, **extra: Any) -> str:
     return json.dumps({"step": step, "totalSteps": 10, "reward": 0.5, "attempt": attempt, **extra})
 
