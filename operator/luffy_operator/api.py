@@ -449,7 +449,11 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 class Condition(Section):
     """One aspect of the run's state (metav1.Condition shape)."""
 
-    type: str = Field(description="SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Succeeded or Failed.")
+    type: str = Field(
+        description=(
+            "SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed."
+        )
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field(description="CamelCase reason of the last transition.")
     message: str = Field("", description="Human-readable detail.")
@@ -485,17 +489,20 @@ class MlflowStatus(Section):
 
 
 class LuffyRunStatus(Section):
-    """The observed state of a LuffyRun, maintained by the operator (progress by the trainer)."""
+    """The observed state of a LuffyRun: a cache the operator rewrites on every pass from its own record (metadata
+    annotations) and the children; nothing here is read back for a decision."""
 
     phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed.")
     reason: str | None = Field(None, description="Why the run is in this phase (CamelCase).")
     message: str | None = Field(None, description="Human-readable detail of the phase.")
     observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions, one per type.")
-    restarts: int = Field(0, description="Trainer restarts so far (kept across Job re-creation).")
+    restarts: int = Field(0, description="Trainer restarts so far (counted in the operator's record annotation).")
     rollout: RolloutStatus = Field(default_factory=RolloutStatus)
     trainer: TrainerStatus = Field(default_factory=TrainerStatus)
-    progress: ProgressStatus | None = Field(None, description="Training progress reported by the trainer.")
+    progress: ProgressStatus | None = Field(
+        None, description="Training progress: the trainer's last report that passed the operator's checks."
+    )
     mlflow: MlflowStatus | None = Field(None, description="The run's MLflow run and registered model.")
     start_time: str | None = Field(None, description="When the trainer first ran (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run succeeded or failed (RFC 3339).")

@@ -3,13 +3,14 @@
 Children of run `r` in namespace `ns`:
   r-config       ConfigMap      the complete trainer config (/etc/luffy/config.yaml): rollout backend `vllm-server`,
                                 the rollout server URLs and the weight-sync address included
+  r-progress     ConfigMap      the trainer's progress report (contract.PROGRESS_KEY), read and checked by the operator
   r-rollout      Service        headless; pods r-rollout-<i>.r-rollout.ns.svc serve vLLM on contract.ROLLOUT_PORT
   r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness/liveness probes on /health)
   r-trainer      Service        headless; r-trainer-0.r-trainer.ns.svc is the torchrun rendezvous and weight-sync host
   r-trainer      Job            Indexed, one pod per node, `torchrun ... -m luffy_trainer.cli train`
   r-rollout      NetworkPolicy  only the run's trainer pods reach the rollout pods
   r-trainer      NetworkPolicy  only the run's own pods reach the trainer pods
-  r-trainer      ServiceAccount + Role + RoleBinding: get/patch of this LuffyRun's status, nothing else
+  r-trainer      ServiceAccount + Role + RoleBinding: patch of r-progress, nothing else (no LuffyRun access)
   r-checkpoints  PersistentVolumeClaim (unless spec.checkpoint.existingClaim)
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 from luffy_trainer import contract
 from luffy_trainer.config import CheckpointConfig, RolloutConfig, TrackingConfig, TrainConfig, dump_config
-from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, RENDEZVOUS_PORT, ROLLOUT_PORT
+from luffy_trainer.contract import API_VERSION, KIND, RENDEZVOUS_PORT, ROLLOUT_PORT
 
 from luffy_operator.api import (
     ROLLOUT_RESOURCE_DEFAULTS,
@@ -163,6 +164,16 @@ def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
         tracking=tracking,
         output_dir=f"{root}/outputs",
     )
+
+
+def progress_config_map(run: RunRef) -> Manifest:
+    """Created empty; the trainer patches its report in. Not kept in line with anything (see mutable_projection)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, contract.progress_config_map(run.name), "progress"),
+        "data": {},
+    }
 
 
 def config_map(run: RunRef, spec: LuffyRunSpec) -> Manifest:
@@ -438,9 +449,11 @@ def torchrun_args(run: RunRef, spec: LuffyRunSpec) -> list[str]:
 
 def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> list[dict[str, Any]]:
     """What only Kubernetes and the operator's state know: the pod's rank and rendezvous (torchrun's PET_* and
-    MASTER_*), its own LuffyRun for status reports, the MLflow run and credentials. The rest is in the config."""
+    MASTER_*), its own LuffyRun and attempt for progress reports, the MLflow run and credentials. The rest is in the
+    config."""
     t = spec.trainer
     index = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    attempt = {"fieldRef": {"fieldPath": f"metadata.annotations['{ATTEMPT_ANNOTATION}']"}}
     env: list[dict[str, Any]] = [
         {"name": contract.ENV_NODE_INDEX, "valueFrom": index},
         {"name": "PET_NNODES", "value": str(t.nodes)},
@@ -452,6 +465,7 @@ def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> l
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": contract.ENV_RUN_NAME, "value": run.name},
         {"name": contract.ENV_RUN_NAMESPACE, "value": run.namespace},
+        {"name": contract.ENV_ATTEMPT, "valueFrom": attempt},
         *_base_env(),
     ]
     if spec.mlflow is not None:
@@ -472,7 +486,7 @@ def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> l
 
 def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: str | None) -> Manifest:
     """The trainer gang: any failed pod fails the whole Job (backoffLimit 0); the operator then restarts it from the
-    checkpoint, counting restarts in the LuffyRun's status so the budget survives Job re-creation."""
+    checkpoint, counting restarts in its record on the LuffyRun's metadata so the budget survives Job re-creation."""
     t = spec.trainer
     ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     ports += [
@@ -579,14 +593,14 @@ def network_policies(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
 
 
 def trainer_rbac(run: RunRef) -> list[Manifest]:
-    """The trainer's identity: it may read its own LuffyRun and patch its status (progress), nothing else."""
+    """The trainer's identity: it may patch its progress ConfigMap, nothing else. No access to the LuffyRun or its
+    status, where the operator keeps what it decides on (restarts, lifecycle)."""
     rules = [
-        {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [run.name], "verbs": ["get"]},
         {
-            "apiGroups": [GROUP],
-            "resources": [f"{PLURAL}/status"],
-            "resourceNames": [run.name],
-            "verbs": ["get", "patch"],
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [contract.progress_config_map(run.name)],
+            "verbs": ["patch"],
         },
     ]
     return [
@@ -625,7 +639,7 @@ def checkpoint_claim(run: RunRef, spec: LuffyRunSpec) -> Manifest | None:
 
 def supporting_children(run: RunRef, spec: LuffyRunSpec) -> list[Manifest]:
     """Everything but the two workloads, in creation order (what a trainer pod needs exists before it starts)."""
-    children = [config_map(run, spec), trainer_service(run, spec), *trainer_rbac(run)]
+    children = [config_map(run, spec), progress_config_map(run), trainer_service(run, spec), *trainer_rbac(run)]
     claim = checkpoint_claim(run, spec)
     if claim is not None:
         children.append(claim)
@@ -640,8 +654,9 @@ def mutable_projection(manifest: Manifest) -> dict[str, Any] | None:
     Only the trainer config (its rollout server URLs) and the trainer Service's weight-sync ports follow a mutable
     field (rollout.replicas); everything else a child carries derives from immutable spec fields, and the
     StatefulSet's replicas are scaled separately."""
-    if manifest["kind"] == "ConfigMap":
+    component = manifest["metadata"]["labels"][COMPONENT_LABEL]
+    if manifest["kind"] == "ConfigMap" and component == "config":
         return {"data": manifest["data"]}
-    if manifest["kind"] == "Service" and manifest["metadata"]["labels"][COMPONENT_LABEL] == "trainer":
+    if manifest["kind"] == "Service" and component == "trainer":
         return {"spec": {"ports": manifest["spec"]["ports"]}}
     return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+MAX_BACKOFF_SECONDS = 300.0  # the longest wait before retrying a pass that failed transiently
+
 
 @dataclass(frozen=True)
 class OperatorSettings:
@@ -16,6 +18,10 @@ class OperatorSettings:
     watch_client_timeout_seconds: float = 330.0  # client-side cut-off of a watch request
     mlflow_timeout_seconds: float = 10.0  # one MLflow REST call
     workers: int = 16  # threads running the (synchronous) handlers
+
+    def backoff(self, retry: int) -> float:
+        """The delay before retry `retry` (0-based) of a transient failure: resync_seconds, doubling, capped."""
+        return min(self.resync_seconds * 2.0 ** min(retry, 32), max(MAX_BACKOFF_SECONDS, self.resync_seconds))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

@@ -28,7 +28,7 @@ RUN_GRANTS: set[Grant] = {
     *{("luffy.dev", "luffyruns/status", v) for v in ("get", "patch")},
     ("luffy.dev", "luffyruns/finalizers", "update"),
     ("", "events", "create"),
-    *{("", "configmaps", v) for v in ("create", "patch")},
+    *{("", "configmaps", v) for v in ("get", "create", "patch")},
     ("", "persistentvolumeclaims", "create"),
     *{("", "services", v) for v in ("create", "patch", "delete")},
     *{("", "serviceaccounts", v) for v in ("create", "delete")},

@@ -310,15 +310,17 @@ def test_network_policies_admit_only_the_runs_own_pods() -> None:
     assert selected <= trainer_pod_labels.items() and selected <= rollout_pod_labels.items()
 
 
-def test_trainer_may_patch_only_its_own_status() -> None:
+def test_trainer_may_patch_only_its_progress_config_map() -> None:
     children = all_children(SPECS["small"])
     role = by_kind(children, "Role")
     binding = by_kind(children, "RoleBinding")
     account = by_kind(children, "ServiceAccount")
-    for rule in role["rules"]:
-        assert rule["apiGroups"] == ["luffy.dev"] and rule["resourceNames"] == ["demo"]
-        assert set(rule["verbs"]) <= {"get", "patch"}
-        assert "patch" not in rule["verbs"] or rule["resources"] == ["luffyruns/status"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["demo-progress"], "verbs": ["patch"]}
+    ]
+    progress = next(c for c in children if c["metadata"]["name"] == "demo-progress")
+    assert progress["kind"] == "ConfigMap" and progress["data"] == {}
+    assert manifests.mutable_projection(progress) is None  # a full reconcile never resets the trainer's report
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}

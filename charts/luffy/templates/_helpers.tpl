@@ -106,7 +106,7 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   verbs: [create]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [create]
