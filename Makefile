@@ -10,12 +10,14 @@ EXTRAS ?= operator,trainer,cpu,test
 # A pyenv 3.12 is preferred (its shim refuses to run while another version is the global one).
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 VENV312 ?= .venv312
+# tests/scanner runs checkov (a third-party manifest scanner) from its own venv: its pins need not agree with luffy's.
+VENVSCAN ?= .venvscan
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup chart-venv test lint run compare crd clean
+.PHONY: setup chart-venv scanner-venv test lint run compare crd clean
 
 setup: $(VENV)/.installed
 
@@ -36,11 +38,18 @@ $(VENV312)/.installed: tests/chart/requirements-helm.txt
 	$(VENV312)/bin/pip install --quiet -r tests/chart/requirements-helm.txt
 	touch $@
 
+scanner-venv: $(VENVSCAN)/.installed
+
+$(VENVSCAN)/.installed: tests/scanner/requirements-checkov.txt
+	test -x $(VENVSCAN)/bin/python || $(PYTHON) -m venv $(VENVSCAN)
+	$(VENVSCAN)/bin/pip install --quiet -r tests/scanner/requirements-checkov.txt
+	touch $@
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint chart-venv
+test: lint chart-venv scanner-venv
 	$(BIN)/python -m pytest -q -ra
 
 # LUFFY and the on-policy GRPO baseline from the same base model with the same step budget, ending with the verdict
@@ -57,4 +66,4 @@ crd: setup
 	$(BIN)/python -m luffy_operator.cli crd > crds/luffyruns.luffy.dev.yaml
 
 clean:
-	rm -rf $(VENV) $(VENV312) mlruns runs outputs checkpoints mlflow.db mlartifacts
+	rm -rf $(VENV) $(VENV312) $(VENVSCAN) mlruns runs outputs checkpoints mlflow.db mlartifacts

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from luffy_operator import manifests
-from luffy_operator.api import LuffyRunStatus, parse_spec
+from luffy_operator import manifests, reconcile
+from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef
 from luffy_trainer import contract
 from luffy_trainer.cli import build_parser
 from luffy_trainer.config import load_config
-from luffy_trainer.k8s_status import LuffyRunStatusReporter, run_identity
+from luffy_trainer.k8s_status import ProgressReporter, run_identity
 from luffy_trainer.rollout import build_rollout_engine
 from luffy_trainer.rollout.control import read_token
 from luffy_trainer.rollout.factory import rollout_server_urls, weight_sync_address
@@ -181,35 +181,36 @@ def test_the_tracking_server_and_experiment_come_from_the_config(pod: Pod, monke
 
 
 class RecordingApi:
-    """Stands in for kubernetes' CustomObjectsApi: records the status patches."""
+    """Stands in for kubernetes' CoreV1Api: records the ConfigMap patches."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
+    def patch_namespaced_config_map(self, *args: Any, **kwargs: Any) -> None:
         self.calls.append(args)
 
 
-def test_the_progress_report_is_a_status_the_operator_defines_and_may_be_patched(pod: Pod) -> None:
+def test_the_progress_report_is_what_the_operator_accepts_and_all_the_trainer_may_write(pod: Pod) -> None:
     name, namespace = run_identity(pod.env)
+    attempt = next(e for e in pod.container["env"] if e["name"] == contract.ENV_ATTEMPT)["valueFrom"]
+    assert attempt["fieldRef"]["fieldPath"] == f"metadata.annotations['{manifests.ATTEMPT_ANNOTATION}']"
+    assert pod.job["spec"]["template"]["metadata"]["annotations"][manifests.ATTEMPT_ANNOTATION] == "0"
     api = RecordingApi()
-    LuffyRunStatusReporter(name, namespace, api, min_interval_s=0).report(step=3, total_steps=10, reward=0.5)
-    ((group, version, ns, plural, run, body),) = api.calls
-    assert (group, version, ns, plural, run) == (
-        contract.GROUP,
-        contract.VERSION,
-        REF.namespace,
-        contract.PLURAL,
-        REF.name,
-    )
-    status = LuffyRunStatus.model_validate(body["status"])  # the operator's status model (and the CRD's schema)
-    assert (status.progress.step, status.progress.total_steps, status.progress.reward) == (3, 10, 0.5)
-    # The trainer's service account may patch exactly this: its own run's status subresource.
+    ProgressReporter(name, namespace, api, min_interval_s=0, attempt=0).report(step=3, total_steps=10, reward=0.5)
+    ((config_map, ns, body),) = api.calls
+    assert (config_map, ns) == (contract.progress_config_map(REF.name), REF.namespace)
+    assert set(body) == {"data"} and set(body["data"]) == {contract.PROGRESS_KEY}
+    # The operator checks the report against the spec and the running attempt, and shows it as status.progress.
+    spec = parse_spec(valid_run(optimization={"totalSteps": 10})["spec"])
+    raw = body["data"][contract.PROGRESS_KEY]
+    checked = reconcile.check_report(spec, raw, attempt=0, same_attempt=None)
+    assert checked is not None and (checked.step, checked.total_steps, checked.reward) == (3, 10, 0.5)
+    assert reconcile.check_report(spec, raw, attempt=1, same_attempt=None) is None  # another attempt's: stale
+    # The trainer's service account may patch exactly this ConfigMap, and nothing else: no LuffyRun, no status.
     role = next(m for m in manifests.trainer_rbac(REF) if m["kind"] == "Role")
-    assert {
-        "apiGroups": [group],
-        "resources": [f"{plural}/status"],
-        "resourceNames": [run],
-        "verbs": ["get", "patch"],
-    } in role["rules"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [config_map], "verbs": ["patch"]}
+    ]
+    progress = next(c for c in manifests.supporting_children(REF, SPEC) if c["metadata"]["name"] == config_map)
+    assert progress["metadata"]["ownerReferences"][0]["uid"] == REF.uid
     assert pod.job["spec"]["template"]["spec"]["serviceAccountName"] == REF.trainer

@@ -194,6 +194,26 @@ class Toleration(Section):
 
 EnvList = Annotated[list[EnvVar], Field(max_length=64)]
 
+# cpu and memory of a container whose spec names them in neither requests nor limits (manifests.container_resources).
+ROLLOUT_RESOURCE_DEFAULTS = ResourceRequirements(
+    requests={"cpu": "4", "memory": "32Gi"}, limits={"cpu": "8", "memory": "32Gi"}
+)
+TRAINER_RESOURCE_DEFAULTS = ResourceRequirements(
+    requests={"cpu": "8", "memory": "64Gi"}, limits={"cpu": "16", "memory": "64Gi"}
+)
+RESOURCES_DOC = (
+    "Requests and limits of the container. cpu or memory named in neither takes the default ({}); one named only as a "
+    "request is also the limit, one named only as a limit also the request. A memory-backed /dev/shm counts against "
+    "the memory limit."
+)
+
+
+def _describe(defaults: ResourceRequirements) -> str:
+    return ", ".join(f"{name} {defaults.requests[name]}/{defaults.limits[name]}" for name in ("cpu", "memory"))
+
+
+TMP_DOC = "Size limit of the /tmp emptyDir (HOME: the caches of vLLM, torch.compile and Triton); on the node's disk."
+
 
 # --- spec sections --------------------------------------------------------------------------------------------------
 
@@ -206,9 +226,12 @@ class RolloutSpec(RolloutSampling):
         1, ge=0, le=16, description="GPUs per server (at least tensorParallelSize); 0 runs vLLM on CPU."
     )
     image: str | None = Field(None, min_length=1, max_length=512, description="Image override; default spec.image.")
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description=RESOURCES_DOC.format(_describe(ROLLOUT_RESOURCE_DEFAULTS))
+    )
     env: EnvList = Field(default_factory=list, description="Extra environment variables.")
-    shm_size_limit: Quantity | None = Field(None, description="Size limit of the memory-backed /dev/shm.")
+    shm_size_limit: Quantity = Field("8Gi", description="Size limit of the memory-backed /dev/shm.")
+    tmp_size_limit: Quantity = Field("16Gi", description=TMP_DOC)
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="Extra `vllm serve` arguments, passed after `--`."
     )
@@ -231,9 +254,12 @@ class TrainerSpec(Section):
     nodes: int = Field(1, ge=1, le=64, description="Trainer pods (torchrun nodes).")
     gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs (torchrun processes) per pod; 0 trains on CPU.")
     image: str | None = Field(None, min_length=1, max_length=512, description="Image override; default spec.image.")
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description=RESOURCES_DOC.format(_describe(TRAINER_RESOURCE_DEFAULTS))
+    )
     env: EnvList = Field(default_factory=list, description="Extra environment variables.")
-    shm_size_limit: Quantity | None = Field(None, description="Size limit of the memory-backed /dev/shm.")
+    shm_size_limit: Quantity = Field("16Gi", description="Size limit of the memory-backed /dev/shm.")
+    tmp_size_limit: Quantity = Field("16Gi", description=TMP_DOC)
     weight_sync_port: int = Field(
         contract.WEIGHT_SYNC_PORT,
         ge=1024,
@@ -327,7 +353,9 @@ class ModelCacheSpec(Section):
     or a per-pod emptyDir."""
 
     claim_name: K8sName | None = Field(None, description="Existing PVC; default an emptyDir per pod.")
-    size_limit: Quantity | None = Field(None, description="Size limit of the emptyDir.")
+    size_limit: Quantity = Field(
+        "100Gi", description="Size limit of the per-pod emptyDir (on the node's disk; a 7B model is about 15 GB)."
+    )
 
 
 class DataVolumeSpec(Section):
@@ -421,7 +449,11 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 class Condition(Section):
     """One aspect of the run's state (metav1.Condition shape)."""
 
-    type: str = Field(description="SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Succeeded or Failed.")
+    type: str = Field(
+        description=(
+            "SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed."
+        )
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field(description="CamelCase reason of the last transition.")
     message: str = Field("", description="Human-readable detail.")
@@ -457,17 +489,20 @@ class MlflowStatus(Section):
 
 
 class LuffyRunStatus(Section):
-    """The observed state of a LuffyRun, maintained by the operator (progress by the trainer)."""
+    """The observed state of a LuffyRun: a cache the operator rewrites on every pass from its own record (metadata
+    annotations) and the children; nothing here is read back for a decision."""
 
     phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed.")
     reason: str | None = Field(None, description="Why the run is in this phase (CamelCase).")
     message: str | None = Field(None, description="Human-readable detail of the phase.")
     observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions, one per type.")
-    restarts: int = Field(0, description="Trainer restarts so far (kept across Job re-creation).")
+    restarts: int = Field(0, description="Trainer restarts so far (counted in the operator's record annotation).")
     rollout: RolloutStatus = Field(default_factory=RolloutStatus)
     trainer: TrainerStatus = Field(default_factory=TrainerStatus)
-    progress: ProgressStatus | None = Field(None, description="Training progress reported by the trainer.")
+    progress: ProgressStatus | None = Field(
+        None, description="Training progress: the trainer's last report that passed the operator's checks."
+    )
     mlflow: MlflowStatus | None = Field(None, description="The run's MLflow run and registered model.")
     start_time: str | None = Field(None, description="When the trainer first ran (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run succeeded or failed (RFC 3339).")

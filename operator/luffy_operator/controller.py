@@ -1,7 +1,8 @@
 """The reconciler's edges: observe the children and MLflow, ask `reconcile.plan_run`, carry out the plan.
 
-kopf handlers call `Controller.reconcile(body, full)` and apply the returned status, annotation and events; this
-module knows nothing of kopf, so it runs the same in tests and benchmarks.
+kopf handlers call `Controller.reconcile(body, full, retry)` and apply the returned status, annotations and events;
+this module knows nothing of kopf, so it runs the same in tests and benchmarks. A pass never raises: whatever fails is
+classified (`classify`) into the outcome's failure, which the handler turns into kopf's retry or no-retry.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from luffy_trainer.contract import PROGRESS_KEY, progress_config_map
+
 from luffy_operator import manifests
 from luffy_operator.api import LuffyRunSpec
 from luffy_operator.kube import ApiError, KubeClient, ObjectKey
@@ -22,6 +25,7 @@ from luffy_operator.manifests import RunRef
 from luffy_operator.mlflow_rest import MlflowCredentials, MlflowError, MlflowRestClient
 from luffy_operator.reconcile import (
     Event,
+    Failure,
     JobView,
     MlflowView,
     Observed,
@@ -30,6 +34,7 @@ from luffy_operator.reconcile import (
     RunView,
     needs_model_version,
     plan_run,
+    reconciled,
     resolve_spec,
 )
 from luffy_operator.settings import OperatorSettings
@@ -44,14 +49,39 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MAX_FAILURE_MESSAGE = 1000  # Event messages are cut at 1 KiB
+
+
 @dataclass
 class Outcome:
-    """What a handler writes back: status (merge), the accepted-spec annotation, Events, and action errors."""
+    """What a handler writes back: status (merge), the accepted-spec and record annotations, Events, and the failure
+    with the delay before its retry (None when permanent)."""
 
     status: dict[str, Any] | None = None
     accepted: dict[str, Any] | None = None
+    record: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    failure: Failure | None = None
+    retry_in: float | None = None
+
+
+def classify(exc: BaseException, what: str = "") -> Failure:
+    """Transient: the API server or MLflow may answer next time (no answer, 409 conflict, 429, 5xx, a timeout).
+    Permanent: the same input fails the same way (any other 4xx, a bad value the validation missed, a bug)."""
+    if isinstance(exc, ApiError):
+        transient = exc.status == 0 or exc.status in (409, 429) or exc.status >= 500
+        detail = str(exc)
+    else:
+        transient = isinstance(exc, MlflowError | ConnectionError | TimeoutError)
+        detail = f"{type(exc).__name__}: {exc}"
+    return Failure(permanent=not transient, message=f"{what}: {detail}" if what else detail)
+
+
+def combined(failures: list[Failure]) -> Failure | None:
+    """One failure for a pass: permanent if any part is."""
+    if not failures:
+        return None
+    return Failure(any(f.permanent for f in failures), "; ".join(f.message for f in failures))
 
 
 class Controller:
@@ -65,17 +95,34 @@ class Controller:
         self.settings = settings or OperatorSettings()
         self.clock = clock
 
-    def reconcile(self, body: Any, full: bool) -> Outcome:
-        """One level-based pass over a LuffyRun. `full` (create/resume/update) also re-creates missing children."""
+    def reconcile(self, body: Any, full: bool, retry: int = 0) -> Outcome:
+        """One level-based pass over a LuffyRun. `full` (create/resume/update) also re-creates missing children;
+        `retry` counts the retries of a failing pass, for the back-off."""
         run = RunView.from_body(body)
-        resolution = resolve_spec(run)
-        if resolution.spec is None:
-            observed = Observed(job=None, rollout=None)
+        now = self.clock()
+        try:
+            resolution = resolve_spec(run)
+            if resolution.spec is None:
+                observed = Observed(job=None, rollout=None)
+            else:
+                observed = self.observe(run, resolution.spec)
+            plan = plan_run(run, resolution, observed, now, full, self.settings.run_egress)
+        except Exception as exc:  # nothing was done: the status keeps its conditions and gains the failure
+            log.exception("reconciling %s/%s failed", run.ref.namespace, run.ref.name)
+            plan, failure = None, classify(exc)
         else:
-            observed = self.observe(run, resolution.spec)
-        plan = plan_run(run, resolution, observed, self.clock(), full, self.settings.run_egress)
-        errors = self.execute(run.ref, resolution.spec, plan)
-        return Outcome(status=plan.status, accepted=plan.accepted, events=plan.events, errors=errors)
+            failure = combined(self.execute(run.ref, resolution.spec, plan))
+        retry_in = None
+        if failure is not None:
+            message = failure.message[:MAX_FAILURE_MESSAGE]
+            if not failure.permanent:
+                retry_in = self.settings.backoff(retry)
+                message += f" (retry {retry + 1} in {retry_in:g}s)"
+            else:
+                message += " (not retried until the spec changes or the operator restarts)"
+            failure = Failure(failure.permanent, message)
+        plan = reconciled(run, plan, now, failure)
+        return Outcome(plan.status, plan.accepted, plan.record, plan.events, failure, retry_in)
 
     # --- observing --------------------------------------------------------------------------------------------------
 
@@ -87,15 +134,19 @@ class Controller:
         if spec.uses_rollouts:
             sts = self.kube.get(ObjectKey("apps/v1", "StatefulSet", ref.namespace, ref.rollout))
             rollout = RolloutView.of(sts) if sts else None
-        return Observed(job=job, rollout=rollout, mlflow=self.observe_mlflow(run, spec, job))
+        progress = None
+        if job is not None:  # a report counts only while the attempt that wrote it is there
+            cm = self.kube.get(ObjectKey("v1", "ConfigMap", ref.namespace, progress_config_map(ref.name)))
+            raw = ((cm or {}).get("data") or {}).get(PROGRESS_KEY)
+            progress = raw if isinstance(raw, str) else None
+        return Observed(job=job, rollout=rollout, mlflow=self.observe_mlflow(run, spec, job), progress=progress)
 
     def observe_mlflow(self, run: RunView, spec: LuffyRunSpec, job: JobView | None) -> MlflowView:
         """Create the MLflow run once; after success, look up the model version the trainer registered."""
         if spec.mlflow is None:
             return MlflowView()
-        status_mlflow = run.status.get("mlflow") or {}
-        run_id = status_mlflow.get("runId")
-        wants_version = needs_model_version(spec, run.status, job)
+        run_id = (run.record.get("mlflow") or {}).get("runId")
+        wants_version = needs_model_version(spec, run.record, job)
         if run_id and not wants_version:
             return MlflowView()
         how = ""
@@ -174,15 +225,16 @@ class Controller:
 
     # --- acting -----------------------------------------------------------------------------------------------------
 
-    def execute(self, ref: RunRef, spec: LuffyRunSpec | None, plan: Plan) -> list[str]:
-        """Carry out the plan; an action that fails is reported and retried on the next pass, the others go on."""
-        errors: list[str] = []
+    def execute(self, ref: RunRef, spec: LuffyRunSpec | None, plan: Plan) -> list[Failure]:
+        """Carry out the plan; an action that fails is reported (and retried, if transient), the others go on."""
+        errors: list[Failure] = []
 
         def attempt(what: str, action: Callable[[], Any]) -> None:
             try:
                 action()
-            except ApiError as err:
-                errors.append(f"{what}: {err}")
+            except Exception as err:
+                log.warning("%s failed: %s", what, err)
+                errors.append(classify(err, what))
 
         for child in plan.ensure:
             attempt(f"creating {ObjectKey.of(child)}", lambda c=child: self.ensure(c))
@@ -202,7 +254,7 @@ class Controller:
         if plan.fail_mlflow_run and spec is not None and spec.mlflow is not None:
             try:
                 self.mlflow_client(spec, ref.namespace)[0].mark_failed(plan.fail_mlflow_run)
-            except (MlflowError, ApiError) as err:
+            except (MlflowError, ApiError, ValueError) as err:  # best effort: the run has failed either way
                 log.warning("could not mark MLflow run %s failed: %s", plan.fail_mlflow_run, err)
         return errors
 

@@ -3,6 +3,10 @@
 Run with `luffy-operator run` or `kopf run -m luffy_operator.handlers`. Create, resume (operator start) and spec updates
 share one idempotent reconcile; a timer repeats it every LUFFY_OPERATOR_RESYNC_SECONDS to follow the children
 (trainer Job, rollout StatefulSet) until the run is finished. One replica only: kopf has no leader election.
+
+Every pass ends with a Reconciled condition. A failed one also posts a Warning Event and tells kopf how to go on:
+a permanent failure raises kopf.PermanentError (no retry; the record's stalled generation stops the timer until the
+spec changes), a transient one kopf.TemporaryError with a doubling delay (OperatorSettings.backoff).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from luffy_trainer.contract import GROUP, PLURAL, VERSION
 
 from luffy_operator.controller import Controller, Outcome
 from luffy_operator.kube import KubeClient, load_api_client
-from luffy_operator.reconcile import ACCEPTED_SPEC_ANNOTATION
+from luffy_operator.reconcile import ACCEPTED_SPEC_ANNOTATION, RECORD_ANNOTATION, read_annotation
 from luffy_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings.from_env()
@@ -50,22 +54,37 @@ def controller_ready(memo: kopf.Memo, **_: Any) -> bool:
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    with run_lock(memo):
-        outcome = memo.controller.reconcile(body, full=True)
-    apply_outcome(outcome, body, patch, logger)
+def reconcile(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any
+) -> None:
+    run_pass(body, patch, memo, logger, full=True, retry=retry)
 
 
-def unfinished(status: kopf.Status, **_: Any) -> bool:
-    """The timer runs only until a run is finalized; kopf stops it when this turns false (and restarts it if a fixed
-    spec reopens the run)."""
-    return not status.get("finalized")
+def unfinished(annotations: kopf.Annotations, meta: kopf.Meta, **_: Any) -> bool:
+    """The timer runs until the operator's record says the run is finalized, or that a permanent error stalled this
+    generation; kopf stops it when this turns false (and restarts it when a spec edit reopens the run). The record
+    is in metadata: a forged `status.finalized` cannot stop it."""
+    record = read_annotation(annotations, RECORD_ANNOTATION)
+    return not record.get("finalized") and record.get("stalledGeneration") != meta.get("generation")
 
 
 @kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds, when=unfinished)
-def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    with run_lock(memo):
-        outcome = memo.controller.reconcile(body, full=False)
+def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    run_pass(body, patch, memo, logger, full=False, retry=retry)
+
+
+def run_pass(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, full: bool, retry: int
+) -> None:
+    """One pass under the run's lock. The controller classifies its own failures; anything escaping it still ends in
+    a Warning Event and no retry rather than kopf's endless one."""
+    try:
+        with run_lock(memo):
+            outcome = memo.controller.reconcile(body, full=full, retry=retry)
+    except Exception as exc:
+        logger.exception("reconcile pass failed")
+        kopf.event(body, type="Warning", reason="PermanentError", message=f"{type(exc).__name__}: {exc}"[:1000])
+        raise kopf.PermanentError(str(exc)) from exc
     apply_outcome(outcome, body, patch, logger)
 
 
@@ -76,15 +95,18 @@ def run_lock(memo: kopf.Memo) -> threading.Lock:
 
 
 def apply_outcome(outcome: Outcome, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
-    """Write status and annotation through kopf's patch, post Events; action errors are retried by kopf."""
+    """Write status and annotations through kopf's patch (applied even when the handler raises), post Events, and
+    hand a failure to kopf: permanent, or temporary with its back-off delay."""
     if outcome.status is not None:
         patch.status.update(outcome.status)
-    if outcome.accepted is not None:
-        patch.metadata.annotations[ACCEPTED_SPEC_ANNOTATION] = json.dumps(
-            outcome.accepted, sort_keys=True, separators=(",", ":")
-        )
+    for key, value in ((ACCEPTED_SPEC_ANNOTATION, outcome.accepted), (RECORD_ANNOTATION, outcome.record)):
+        if value is not None:
+            patch.metadata.annotations[key] = json.dumps(value, sort_keys=True, separators=(",", ":"))
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         logger.info("%s %s: %s", event.type, event.reason, event.message)
-    if outcome.errors:
-        raise kopf.TemporaryError("; ".join(outcome.errors), delay=SETTINGS.resync_seconds)
+    failure = outcome.failure
+    if failure is not None and failure.permanent:
+        raise kopf.PermanentError(failure.message)
+    if failure is not None:
+        raise kopf.TemporaryError(failure.message, delay=outcome.retry_in or SETTINGS.resync_seconds)

@@ -3,15 +3,16 @@
 Children of run `r` in namespace `ns`:
   r-config       ConfigMap      the complete trainer config (/etc/luffy/config.yaml): rollout backend `vllm-server`,
                                 the rollout server URLs and the weight-sync address included
+  r-progress     ConfigMap      the trainer's progress report (contract.PROGRESS_KEY), read and checked by the operator
   r-rollout      Service        headless; pods r-rollout-<i>.r-rollout.ns.svc serve vLLM on contract.ROLLOUT_PORT
-  r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness probes on /health)
+  r-rollout      StatefulSet    `luffy serve-rollout` replicas (startup/readiness/liveness probes on /health)
   r-trainer      Service        headless; r-trainer-0.r-trainer.ns.svc is the torchrun rendezvous and weight-sync host
   r-trainer      Job            Indexed, one pod per node, `torchrun ... -m luffy_trainer.cli train`
   r-control      Secret         the rollout control token (random, made once; mounted as a file by both workloads)
   r-rollout      NetworkPolicy  only the run's trainer pods reach the rollout pods; they reach the run's pods and DNS
   r-trainer      NetworkPolicy  only the run's own pods reach the trainer pods; they reach the run's pods, DNS and the
                                 installation's extra egress (MLflow, the API server, a model hub)
-  r-trainer      ServiceAccount + Role + RoleBinding: get/patch of this LuffyRun's status, nothing else
+  r-trainer      ServiceAccount + Role + RoleBinding: patch of r-progress, nothing else (no LuffyRun access)
   r-checkpoints  PersistentVolumeClaim (unless spec.checkpoint.existingClaim)
 """
 
@@ -25,13 +26,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubernetes.utils import parse_quantity
 from luffy_trainer import contract
 from luffy_trainer.config import CheckpointConfig, RolloutConfig, TrackingConfig, TrainConfig, dump_config
-from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, RENDEZVOUS_PORT, ROLLOUT_PORT
+from luffy_trainer.contract import API_VERSION, KIND, RENDEZVOUS_PORT, ROLLOUT_PORT
 
 from luffy_operator.api import (
+    ROLLOUT_RESOURCE_DEFAULTS,
+    TRAINER_RESOURCE_DEFAULTS,
     CheckpointSchedule,
     LuffyRunSpec,
+    Quantity,
+    ResourceRequirements,
     RolloutSampling,
 )
 
@@ -171,6 +177,16 @@ def train_config(run: RunRef, spec: LuffyRunSpec) -> TrainConfig:
     )
 
 
+def progress_config_map(run: RunRef) -> Manifest:
+    """Created empty; the trainer patches its report in. Not kept in line with anything (see mutable_projection)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, contract.progress_config_map(run.name), "progress"),
+        "data": {},
+    }
+
+
 def config_map(run: RunRef, spec: LuffyRunSpec) -> Manifest:
     return {
         "apiVersion": "v1",
@@ -238,42 +254,65 @@ def _container_security_context() -> dict[str, Any]:
     }
 
 
-def _resources(requirements: Any, gpu_name: str, gpus: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if requirements.requests:
-        out["requests"] = dict(requirements.requests)
-    limits = dict(requirements.limits)
+def container_resources(
+    requirements: ResourceRequirements,
+    defaults: ResourceRequirements,
+    gpu_name: str,
+    gpus: int,
+    scratch: list[Quantity],
+) -> dict[str, Any]:
+    """Requests and limits that bound every container: cpu and memory the spec names in neither take `defaults`, one
+    named only as a request is also the limit and one named only as a limit also the request (as Kubernetes does);
+    GPUs are requested as many as limited; ephemeral storage is requested for the disk-backed emptyDirs (`scratch`,
+    their size limits), so the scheduler places the pod where they fit."""
+    requests, limits = dict(requirements.requests), dict(requirements.limits)
+    for name in ("cpu", "memory"):
+        if name not in requests and name not in limits:
+            requests[name], limits[name] = defaults.requests[name], defaults.limits[name]
+        requests.setdefault(name, limits.get(name))
+        limits.setdefault(name, requests[name])
+    if scratch:
+        requests.setdefault("ephemeral-storage", _bytes(sum(parse_quantity(q) for q in scratch)))
     if gpus:
-        limits[gpu_name] = gpus
-    if limits:
-        out["limits"] = limits
-    return out
+        requests[gpu_name] = limits[gpu_name] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _bytes(amount: Any) -> str:
+    """A byte count as a quantity, in Gi or Mi when it is a whole number of them."""
+    amount = int(amount)
+    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20)):
+        if amount % size == 0:
+            return f"{amount // size}{unit}"
+    return str(amount)
 
 
 def _user_env(env: list[Any]) -> list[dict[str, Any]]:
     return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in env]
 
 
-def _shared_volumes(spec: LuffyRunSpec, shm_limit: int | str | None) -> list[dict[str, Any]]:
-    """/dev/shm in memory (NCCL and vLLM need more than the runtime's 64Mi), a writable /tmp (the root filesystem is
-    read-only), the model cache and the data volume."""
-    shm: dict[str, Any] = {"medium": "Memory"}
-    if shm_limit is not None:
-        shm["sizeLimit"] = shm_limit
+def _shared_volumes(spec: LuffyRunSpec, shm_limit: Quantity, tmp_limit: Quantity) -> list[dict[str, Any]]:
+    """/dev/shm in memory (NCCL and vLLM need more than the runtime's 64Mi; it counts against the memory limit), a
+    writable /tmp (the root filesystem is read-only), the model cache and the data volume; every emptyDir bounded."""
     cache: dict[str, Any]
     if spec.model_cache.claim_name:
         cache = {"persistentVolumeClaim": {"claimName": spec.model_cache.claim_name}}
     else:
-        cache = {"emptyDir": {"sizeLimit": spec.model_cache.size_limit} if spec.model_cache.size_limit else {}}
+        cache = {"emptyDir": {"sizeLimit": spec.model_cache.size_limit}}
     volumes = [
-        {"name": "dshm", "emptyDir": shm},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_limit}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": tmp_limit}},
         {"name": "model-cache", **cache},
     ]
     if spec.data_volume is not None:
         d = spec.data_volume
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": d.claim_name, "readOnly": d.read_only}})
     return volumes
+
+
+def _scratch(spec: LuffyRunSpec, tmp_limit: Quantity) -> list[Quantity]:
+    """Size limits of a pod's emptyDirs on the node's disk: /tmp, and the model cache unless it is a PVC."""
+    return [tmp_limit] + ([] if spec.model_cache.claim_name else [spec.model_cache.size_limit])
 
 
 def _shared_mounts(spec: LuffyRunSpec) -> list[dict[str, Any]]:
@@ -352,7 +391,7 @@ def rollout_service(run: RunRef) -> Manifest:
 
 def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manifest:
     r = spec.rollout
-    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_SECONDS}
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_SECONDS, "timeoutSeconds": 5}
     container = {
         "name": "vllm",
         "image": spec.rollout_image,
@@ -366,7 +405,16 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
             "failureThreshold": math.ceil(r.startup_timeout_seconds / PROBE_PERIOD_SECONDS),
         },
         "readinessProbe": {**probe, "failureThreshold": 3},
-        "resources": _resources(r.resources, spec.scheduling.gpu_resource_name, r.gpus_per_replica),
+        # After start-up: a replica whose server stops answering for a minute is restarted (vLLM's /health does not
+        # wait for the engine, so a long generation or weight update does not fail it).
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "resources": container_resources(
+            r.resources,
+            ROLLOUT_RESOURCE_DEFAULTS,
+            spec.scheduling.gpu_resource_name,
+            r.gpus_per_replica,
+            _scratch(spec, r.tmp_size_limit),
+        ),
         "volumeMounts": [*_shared_mounts(spec), _control_mount()],
         "securityContext": _container_security_context(),
     }
@@ -386,7 +434,7 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
                     **_pod_placement(spec),
                     "automountServiceAccountToken": False,
                     "containers": [container],
-                    "volumes": [*_shared_volumes(spec, r.shm_size_limit), _control_volume(run)],
+                    "volumes": [*_shared_volumes(spec, r.shm_size_limit, r.tmp_size_limit), _control_volume(run)],
                 },
             },
         },
@@ -448,9 +496,11 @@ def torchrun_args(run: RunRef, spec: LuffyRunSpec) -> list[str]:
 
 def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> list[dict[str, Any]]:
     """What only Kubernetes and the operator's state know: the pod's rank and rendezvous (torchrun's PET_* and
-    MASTER_*), its own LuffyRun for status reports, the MLflow run and credentials. The rest is in the config."""
+    MASTER_*), its own LuffyRun and attempt for progress reports, the MLflow run and credentials. The rest is in the
+    config."""
     t = spec.trainer
     index = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    attempt = {"fieldRef": {"fieldPath": f"metadata.annotations['{ATTEMPT_ANNOTATION}']"}}
     env: list[dict[str, Any]] = [
         {"name": contract.ENV_NODE_INDEX, "valueFrom": index},
         {"name": "PET_NNODES", "value": str(t.nodes)},
@@ -462,6 +512,7 @@ def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> l
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": contract.ENV_RUN_NAME, "value": run.name},
         {"name": contract.ENV_RUN_NAMESPACE, "value": run.namespace},
+        {"name": contract.ENV_ATTEMPT, "valueFrom": attempt},
         *_base_env(),
     ]
     if spec.mlflow is not None:
@@ -482,7 +533,7 @@ def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> l
 
 def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: str | None) -> Manifest:
     """The trainer gang: any failed pod fails the whole Job (backoffLimit 0); the operator then restarts it from the
-    checkpoint, counting restarts in the LuffyRun's status so the budget survives Job re-creation."""
+    checkpoint, counting restarts in its record on the LuffyRun's metadata so the budget survives Job re-creation."""
     t = spec.trainer
     ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     ports += [
@@ -498,7 +549,7 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
     volumes = [
         {"name": "config", "configMap": {"name": run.config_map, "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
-        *_shared_volumes(spec, t.shm_size_limit),
+        *_shared_volumes(spec, t.shm_size_limit, t.tmp_size_limit),
     ]
     if spec.uses_rollouts:
         mounts.append(_control_mount())
@@ -511,7 +562,13 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
         "args": torchrun_args(run, spec),
         "env": trainer_env(run, spec, mlflow_run_id),
         "ports": ports,
-        "resources": _resources(t.resources, spec.scheduling.gpu_resource_name, t.gpus_per_node),
+        "resources": container_resources(
+            t.resources,
+            TRAINER_RESOURCE_DEFAULTS,
+            spec.scheduling.gpu_resource_name,
+            t.gpus_per_node,
+            _scratch(spec, t.tmp_size_limit),
+        ),
         "volumeMounts": mounts,
         "securityContext": _container_security_context(),
     }
@@ -539,6 +596,7 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
                     **_pod_placement(spec),
                     "subdomain": run.trainer,
                     "restartPolicy": "Never",
+                    # Its token is mounted: the trainer reports progress through its Role (rollout pods mount none).
                     "serviceAccountName": run.trainer,
                     "containers": [container],
                     "volumes": volumes,
@@ -611,14 +669,14 @@ def network_policies(run: RunRef, spec: LuffyRunSpec, extra_egress: Sequence[dic
 
 
 def trainer_rbac(run: RunRef) -> list[Manifest]:
-    """The trainer's identity: it may read its own LuffyRun and patch its status (progress), nothing else."""
+    """The trainer's identity: it may patch its progress ConfigMap, nothing else. No access to the LuffyRun or its
+    status, where the operator keeps what it decides on (restarts, lifecycle)."""
     rules = [
-        {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [run.name], "verbs": ["get"]},
         {
-            "apiGroups": [GROUP],
-            "resources": [f"{PLURAL}/status"],
-            "resourceNames": [run.name],
-            "verbs": ["get", "patch"],
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [contract.progress_config_map(run.name)],
+            "verbs": ["patch"],
         },
     ]
     return [
@@ -658,7 +716,7 @@ def checkpoint_claim(run: RunRef, spec: LuffyRunSpec) -> Manifest | None:
 def supporting_children(run: RunRef, spec: LuffyRunSpec, extra_egress: Sequence[dict[str, Any]] = ()) -> list[Manifest]:
     """Everything but the two workloads, in creation order (what a trainer pod needs exists before it starts)."""
     children = [control_secret(run)] if spec.uses_rollouts else []
-    children += [config_map(run, spec), trainer_service(run, spec), *trainer_rbac(run)]
+    children += [config_map(run, spec), progress_config_map(run), trainer_service(run, spec), *trainer_rbac(run)]
     claim = checkpoint_claim(run, spec)
     if claim is not None:
         children.append(claim)
@@ -673,8 +731,9 @@ def mutable_projection(manifest: Manifest) -> dict[str, Any] | None:
     Only the trainer config (its rollout server URLs) and the trainer Service's weight-sync ports follow a mutable
     field (rollout.replicas); everything else a child carries derives from immutable spec fields, and the
     StatefulSet's replicas are scaled separately."""
-    if manifest["kind"] == "ConfigMap":
+    component = manifest["metadata"]["labels"][COMPONENT_LABEL]
+    if manifest["kind"] == "ConfigMap" and component == "config":
         return {"data": manifest["data"]}
-    if manifest["kind"] == "Service" and manifest["metadata"]["labels"][COMPONENT_LABEL] == "trainer":
+    if manifest["kind"] == "Service" and component == "trainer":
         return {"spec": {"ports": manifest["spec"]["ports"]}}
     return None

@@ -3,16 +3,25 @@
 Level-based: every call looks at the current trainer Job, rollout StatefulSet and MLflow state and decides the next
 step, so running it twice, concurrently (a handler and the timer) or after an operator restart does no harm. Creating
 an existing child is a no-op, and a trainer failure is counted once because every Job carries its attempt number:
-a failed Job whose attempt equals `status.restarts` is counted (restarts + 1); one with a smaller attempt has been
+a failed Job whose attempt equals the recorded restarts is counted (restarts + 1); one with a smaller attempt has been
 counted and is deleted; with no Job, a new one is created with attempt = restarts.
+
+What the decisions read back is the operator's record (RECORD_ANNOTATION, on the LuffyRun's metadata, which a writer of
+the status subresource cannot change), never the status: the status is a cache rebuilt on every pass, and a forged
+one changes nothing decided here. Its conditions only lend their transition times.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from luffy_trainer.contract import MAX_PROGRESS_BYTES, ProgressReport, ProgressStatus
+from pydantic import ValidationError
 
 from luffy_operator import manifests
 from luffy_operator.api import (
@@ -35,6 +44,21 @@ from luffy_operator.kube import ObjectKey
 from luffy_operator.manifests import Manifest, RunRef
 
 ACCEPTED_SPEC_ANNOTATION = "luffy.dev/accepted-spec"
+# The operator's authoritative record: the status fields its decisions read back, plus the attempt the recorded
+# progress came from and the generation a permanent error stalled at.
+RECORD_ANNOTATION = "luffy.dev/record"
+RECORD_FIELDS = (
+    "phase",
+    "reason",
+    "message",
+    "restarts",
+    "mlflow",
+    "progress",
+    "startTime",
+    "completionTime",
+    "finalized",
+)
+MAX_ABS_REWARD = 1e9  # a progress report's reward beyond this is refused
 
 
 @dataclass(frozen=True)
@@ -44,24 +68,37 @@ class RunView:
     ref: RunRef
     generation: int
     spec: Any
-    status: dict[str, Any]
+    status: dict[str, Any]  # a cache: only its conditions' transition times are read
     accepted_spec: dict[str, Any] | None
+    record: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_body(cls, body: Any) -> RunView:
         md = body["metadata"]
-        raw = (md.get("annotations") or {}).get(ACCEPTED_SPEC_ANNOTATION)
-        try:
-            accepted = json.loads(raw) if raw else None
-        except ValueError:
-            accepted = None
+        annotations = md.get("annotations") or {}
+        accepted = read_annotation(annotations, ACCEPTED_SPEC_ANNOTATION)
+        status = _plain(body.get("status")) or {}
+        record = read_annotation(annotations, RECORD_ANNOTATION)
+        if RECORD_ANNOTATION not in annotations:  # a run from before the record: its status was the operator's own
+            record = {k: v for k, v in status.items() if k in RECORD_FIELDS}
         return cls(
             ref=RunRef(name=md["name"], namespace=md["namespace"], uid=md["uid"]),
             generation=int(md.get("generation") or 0),
             spec=_plain(body.get("spec")),
-            status=_plain(body.get("status")) or {},
-            accepted_spec=accepted if isinstance(accepted, dict) else None,
+            status=status,
+            accepted_spec=accepted or None,
+            record=record,
         )
+
+
+def read_annotation(annotations: Any, key: str) -> dict[str, Any]:
+    """A JSON object annotation of the operator's; {} when absent or not an object."""
+    raw = annotations.get(key)
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        value = {}
+    return value if isinstance(value, dict) else {}
 
 
 def _plain(value: Any) -> Any:
@@ -140,6 +177,7 @@ class Observed:
     job: JobView | None
     rollout: RolloutView | None
     mlflow: MlflowView = field(default_factory=MlflowView)
+    progress: str | None = None  # the trainer's raw report from its progress ConfigMap, unchecked
 
 
 @dataclass(frozen=True)
@@ -203,6 +241,7 @@ class Plan:
 
     status: dict[str, Any]
     accepted: dict[str, Any] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
     ensure: list[Manifest] = field(default_factory=list)
     scale_rollout: int | None = None
     delete_job: bool = False
@@ -220,7 +259,7 @@ EVENT_CONDITIONS = ("SpecAccepted", "MlflowReady", "RolloutReady")
 class StatusBuilder:
     """The new status as a `LuffyRunStatus`, keeping condition transition times where a condition did not change.
 
-    Only the fields set here are written (a merge patch): `progress` stays the trainer's; `startTime` is set once."""
+    Only the fields set here are written (a merge patch); `startTime` is set once."""
 
     def __init__(self, old: dict[str, Any], now: str, generation: int) -> None:
         self.old = old
@@ -284,9 +323,10 @@ def plan_run(
     run: RunView, res: Resolution, obs: Observed, now: str, full: bool, extra_egress: Sequence[dict[str, Any]] = ()
 ) -> Plan:
     """Decide the next actions and the status for one LuffyRun: admission and the trainer's lifecycle give the phase,
-    the phase gives the rollout's size and the cleanup, and all of it the status. `extra_egress`: the installation's
-    egress rules for the run's NetworkPolicies."""
-    old = run.status
+    the phase gives the rollout's size and the cleanup, and all of it the status. `old` is the record, with the
+    cached conditions for their transition times. `extra_egress`: the installation's egress rules for the run's
+    NetworkPolicies."""
+    old = {**run.record, "conditions": run.status.get("conditions") or []}
     if res.spec is None:
         return _refused(old, res, StatusBuilder(old, now, run.generation))
     if old.get("reason") == "InvalidSpec" and run.accepted_spec is None:
@@ -305,9 +345,18 @@ def plan_run(
     deleting = finished and cleanup == "Delete"
     _plan_children(run.ref, spec, obs, desired, deleting, full, plan, extra_egress)
     _record_status(spec, old, obs, now, desired, deleting, restarts, mlflow, st)
+    progress_attempt = _progress(spec, old, obs, st)
     plan.status = st.build()
+    plan.record = _new_record(run.record, plan.status, progressAttempt=progress_attempt)
     plan.events = transition_events(old, plan.status)
     return plan
+
+
+def _new_record(record: dict[str, Any], status: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The record after a pass: the decided status fields over the old ones. A stalled generation is dropped, since
+    this pass went through."""
+    kept = {k: v for k, v in record.items() if k in RECORD_FIELDS}
+    return {**kept, **{k: status[k] for k in RECORD_FIELDS if k in status}, **extra}
 
 
 def _refused(old: dict[str, Any], res: Resolution, st: StatusBuilder) -> Plan:
@@ -318,7 +367,7 @@ def _refused(old: dict[str, Any], res: Resolution, st: StatusBuilder) -> Plan:
     st.status.completion_time = old.get("completionTime") or st.now
     st.status.finalized = True
     status = st.build()
-    return Plan(status=status, events=transition_events(old, status))
+    return Plan(status=status, record=_new_record(old, status), events=transition_events(old, status))
 
 
 def _next_phase(
@@ -331,8 +380,9 @@ def _next_phase(
     plan: Plan,
     extra_egress: Sequence[dict[str, Any]],
 ) -> int:
-    """Set the phase and the trainer actions; returns the restart count (a failure just observed counts)."""
-    restarts = int(old.get("restarts") or 0)
+    """Set the phase and the trainer actions; returns the restart count (a failure just observed counts). A Job's
+    attempt is a floor for the count: each attempt follows a counted restart."""
+    restarts = max(int(old.get("restarts") or 0), obs.job.attempt if obs.job else 0)
     phase = old.get("phase")
     if phase in TERMINAL_PHASES:
         st.phase(phase, old.get("reason") or phase, old.get("message") or "")
@@ -535,3 +585,87 @@ def needs_model_version(spec: LuffyRunSpec, status: dict[str, Any], job: JobView
     """Whether to ask MLflow for the registered model version now (the run has just succeeded)."""
     succeeded = status.get("phase") == "Succeeded" or (job is not None and job.complete)
     return succeeded and _wants_model_version(spec) and not (status.get("mlflow") or {}).get("modelVersion")
+
+
+def _progress(spec: LuffyRunSpec, old: dict[str, Any], obs: Observed, st: StatusBuilder) -> int | None:
+    """status.progress: the trainer's report if it passes the checks, else the last one that did. Returns the attempt
+    the recorded progress came from."""
+    attempt = old.get("progressAttempt")
+    previous = old.get("progress")
+    current = obs.job.attempt if obs.job else None
+    report = check_report(spec, obs.progress, current, previous if attempt == current else None)
+    if report is not None:
+        previous, attempt = report.model_dump(mode="json", by_alias=True, exclude={"attempt"}), report.attempt
+    if previous is not None:
+        try:
+            st.status.progress = ProgressStatus.model_validate(previous)
+        except ValidationError:
+            return None
+    return attempt
+
+
+def check_report(
+    spec: LuffyRunSpec, raw: str | None, attempt: int | None, same_attempt: dict[str, Any] | None
+) -> ProgressReport | None:
+    """The report if it is well-formed JSON of the contract's model (strict types), from the running attempt,
+    bounded (0 <= step <= totalSteps = the spec's, a finite reward, an RFC 3339 time) and not behind what this attempt
+    reported before; None otherwise. The trainer may write anything there: nothing else is taken from it."""
+    if raw is None or attempt is None or len(raw.encode()) > MAX_PROGRESS_BYTES:
+        return None
+    try:
+        report = ProgressReport.model_validate_json(raw, strict=True)
+    except ValidationError:
+        return None
+    reward = report.reward
+    ok = (
+        report.attempt == attempt
+        and 0 <= report.step <= report.total_steps == spec.optimization.total_steps
+        and (reward is None or (math.isfinite(reward) and abs(reward) <= MAX_ABS_REWARD))
+        and _is_time(report.updated_time)
+        and (same_attempt is None or report.step >= int(same_attempt.get("step") or 0))
+    )
+    return report if ok else None
+
+
+def _is_time(value: str | None) -> bool:
+    if value is None:
+        return True
+    try:
+        datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return len(value) <= 40
+
+
+# --- errors ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a pass did not complete. Permanent: the same input fails the same way, so it is not retried until the spec
+    changes (or the operator restarts); transient: retried with a growing delay."""
+
+    permanent: bool
+    message: str
+
+    @property
+    def reason(self) -> str:
+        return "PermanentError" if self.permanent else "TransientError"
+
+
+def reconciled(run: RunView, plan: Plan | None, now: str, failure: Failure | None) -> Plan:
+    """The pass's plan (or, when planning raised, one that keeps the cached conditions) with the Reconciled condition,
+    a Warning Event for a failure, and a permanent failure's generation in the record (which stops the timer)."""
+    if plan is None:
+        plan = Plan(status={"conditions": run.status.get("conditions") or []}, record=dict(run.record))
+    st = StatusBuilder(run.status, now, run.generation)
+    if failure is None:
+        st.condition("Reconciled", True, "ReconcileSucceeded", "the last reconcile pass completed")
+    else:
+        st.condition("Reconciled", False, failure.reason, failure.message)
+        plan.events.append(Event("Warning", failure.reason, failure.message))
+        if failure.permanent:
+            plan.record["stalledGeneration"] = run.generation
+    (cond,) = st.build()["conditions"]
+    plan.status["conditions"] = [c for c in plan.status.get("conditions", []) if c["type"] != "Reconciled"] + [cond]
+    return plan

@@ -11,6 +11,8 @@ from typing import Any
 
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
 
+MAX_BACKOFF_SECONDS = 300.0  # the longest wait before retrying a pass that failed transiently
+
 
 @dataclass(frozen=True)
 class OperatorSettings:
@@ -37,6 +39,10 @@ class OperatorSettings:
     @property
     def has_mlflow_credentials(self) -> bool:
         return bool(self.mlflow_token or (self.mlflow_username and self.mlflow_password))
+
+    def backoff(self, retry: int) -> float:
+        """The delay before retry `retry` (0-based) of a transient failure: resync_seconds, doubling, capped."""
+        return min(self.resync_seconds * 2.0 ** min(retry, 32), max(MAX_BACKOFF_SECONDS, self.resync_seconds))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

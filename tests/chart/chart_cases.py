@@ -19,6 +19,7 @@ S3 = {
         "existingSecret": "mlflow-s3",
     },
 }
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 OWN_MLFLOW_IMAGE = {"repository": "registry.example.com/luffy-mlflow", "tag": "0.1.0", "pullPolicy": "Always"}
 
 VALID: dict[str, dict[str, Any]] = {
@@ -34,6 +35,9 @@ VALID: dict[str, dict[str, Any]] = {
             "image": OWN_MLFLOW_IMAGE,
             "backendStore": POSTGRES,
             "extraAllowedHosts": ["ml.example.com"],
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "8Gi"}},
+            "tmpSizeLimit": "4Gi",
+            "networkPolicy": {"from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]},
         },
     },
     "mlflow-sqlite-s3": {
@@ -50,11 +54,17 @@ VALID: dict[str, dict[str, Any]] = {
         "fullnameOverride": "lr-ctl",
         "crds": {"install": False},
         "rbac": {"create": False},
+        "networkPolicy": {"create": False},
         "serviceAccount": {"create": False, "name": "platform-operator"},
         "operator": {
             "replicas": 0,
             "verbose": True,
-            "image": {"repository": "registry.example.com:5000/luffy-operator", "tag": "dev", "pullPolicy": "Always"},
+            "image": {
+                "repository": "registry.example.com:5000/luffy-operator",
+                "tag": "dev",
+                "digest": DIGEST,
+                "pullPolicy": "Always",
+            },
             "imagePullSecrets": ["regcred"],
             "settings": {
                 "resyncSeconds": 2.5,
@@ -69,6 +79,9 @@ VALID: dict[str, dict[str, Any]] = {
             "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "control", "effect": "NoSchedule"}],
             "podAnnotations": {"example.com/team": "ml-platform"},
             "priorityClassName": "system-cluster-critical",
+            "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+            "tmpSizeLimit": "32Mi",
+            "readinessProbe": {"periodSeconds": 30},
         },
     },
     "keepless": {"crds": {"keep": False}},
@@ -90,6 +103,7 @@ VALID: dict[str, dict[str, Any]] = {
 INVALID: dict[str, tuple[dict[str, Any], str]] = {
     "bad-replicas-type": ({"operator": {"replicas": "two"}}, "/operator/replicas"),
     "bad-replicas-ha": ({"operator": {"replicas": 2}}, "/operator/replicas"),
+    "bad-image-digest": ({"operator": {"image": {"digest": "latest"}}}, "/operator/image/digest"),
     "bad-namespace": ({"operator": {"watchNamespaces": ["Team_A"]}}, "/operator/watchNamespaces/0"),
     "bad-workers": ({"operator": {"settings": {"workers": 0}}}, "/operator/settings/workers"),
     "bad-resync": ({"operator": {"settings": {"resyncSeconds": -1}}}, "/operator/settings/resyncSeconds"),

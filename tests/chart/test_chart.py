@@ -11,7 +11,7 @@ import urllib.parse
 import kubernetes_validate
 import pytest
 import yaml
-from chart_cases import INVALID, NAMESPACE, VALID
+from chart_cases import DIGEST, INVALID, NAMESPACE, VALID
 from chart_render import (
     CHART,
     CRD_FILE,
@@ -203,7 +203,7 @@ def test_operator_customizations() -> None:
     pod = operator_deployment("customized")["spec"]["template"]
     values = VALID["customized"]["operator"]
     container = operator_container("customized")
-    assert container["image"] == "registry.example.com:5000/luffy-operator:dev"
+    assert container["image"] == f"registry.example.com:5000/luffy-operator:dev@{DIGEST}"
     assert container["imagePullPolicy"] == "Always"
     assert env_of(container)["TZ"] == {"name": "TZ", "value": "UTC"}
     assert pod["spec"]["serviceAccountName"] == "platform-operator"

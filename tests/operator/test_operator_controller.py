@@ -1,12 +1,16 @@
 """The reconciler's edges with a recording stand-in for the Kubernetes client: order of actions, partial failures,
-and MLflow credentials that cannot be read. (The same code runs against the emulator in test_operator_kopf.py.)"""
+their classification and back-off, and MLflow credentials that cannot be read. (The same code runs against the
+emulator in test_operator_kopf.py.)"""
 
 from __future__ import annotations
 
+import http.client
 from typing import Any
 
-from luffy_operator.controller import Controller
+from luffy_operator.controller import Controller, classify
 from luffy_operator.kube import ApiError, ObjectKey
+from luffy_operator.mlflow_rest import MlflowError
+from luffy_operator.settings import OperatorSettings
 from luffyrun_samples import valid_run
 
 
@@ -62,16 +66,19 @@ def test_everything_the_trainer_mounts_is_created_before_its_job() -> None:
     assert {"ConfigMap/demo-config", "ServiceAccount/demo-trainer", "PersistentVolumeClaim/demo-checkpoints"} <= set(
         creates[:-1]
     )
-    assert outcome.errors == [] and outcome.status["reason"] == "TrainerStarting"
+    assert outcome.failure is None and outcome.status["reason"] == "TrainerStarting"
     assert outcome.accepted["rollout"]["replicas"] == 2  # what later edits are compared against
 
 
 def test_a_failed_action_is_reported_and_the_others_still_run() -> None:
     kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout()}, failing={"create ConfigMap"})
     outcome = Controller(kube, clock=lambda: "t").reconcile(body(), full=True)
-    assert len(outcome.errors) == 1 and "ConfigMap default/demo-config" in outcome.errors[0]
-    assert "422" in outcome.errors[0]
+    assert outcome.failure.permanent and "ConfigMap default/demo-config" in outcome.failure.message
+    assert "422" in outcome.failure.message and outcome.retry_in is None
     assert ("create", "Job/demo-trainer") in kube.calls
+    cond = next(c for c in outcome.status["conditions"] if c["type"] == "Reconciled")
+    assert (cond["status"], cond["reason"]) == ("False", "PermanentError")
+    assert [(e.type, e.reason) for e in outcome.events][-1] == ("Warning", "PermanentError")
 
 
 def test_suspending_deletes_the_job_in_the_foreground_and_scales_the_rollout() -> None:
@@ -89,3 +96,41 @@ def test_a_missing_credentials_secret_is_an_mlflow_condition() -> None:
     assert (cond["status"], cond["reason"]) == ("False", "MlflowError")
     assert "spec.mlflow.credentialsSecret" in cond["message"] and "default/nope" in cond["message"]
     assert ("create", "Job/demo-trainer") not in kube.calls
+
+
+def test_errors_are_classified_permanent_or_transient() -> None:
+    transient = [ApiError(0, "refused"), ApiError(409, "conflict"), ApiError(429, "slow down"), ApiError(503, "down")]
+    transient += [MlflowError("unreachable", unreachable=True), TimeoutError("timed out"), ConnectionResetError()]
+    permanent = [ApiError(400, "bad"), ApiError(403, "forbidden"), ApiError(422, "invalid"), ValueError("port")]
+    permanent += [TypeError("None"), KeyError("x"), http.client.InvalidURL("nonnumeric port: 'abc'")]
+    assert [classify(e).permanent for e in transient] == [False] * len(transient)
+    assert [classify(e).permanent for e in permanent] == [True] * len(permanent)
+    assert classify(ValueError("bad port"), "creating X").message == "creating X: ValueError: bad port"
+
+
+def test_the_back_off_doubles_from_the_resync_interval_and_is_capped() -> None:
+    settings = OperatorSettings(resync_seconds=20.0)
+    assert [settings.backoff(r) for r in range(6)] == [20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+    assert settings.backoff(10_000) == 300.0
+
+
+class BrokenKube(RecordingKube):
+    """Every read raises `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def get(self, key: ObjectKey) -> dict[str, Any] | None:
+        raise self.error
+
+
+def test_an_exception_while_planning_keeps_the_conditions_and_stalls_the_generation() -> None:
+    old = {"conditions": [{"type": "SpecAccepted", "status": "True", "reason": "Accepted", "lastTransitionTime": "t0"}]}
+    outcome = Controller(BrokenKube(ValueError("no such thing")), clock=lambda: "t").reconcile(body(old), full=False)
+    assert [c["type"] for c in outcome.status["conditions"]] == ["SpecAccepted", "Reconciled"]
+    assert outcome.failure.permanent and outcome.record["stalledGeneration"] == 1 and outcome.accepted is None
+    controller = Controller(BrokenKube(ApiError(503, "down")), clock=lambda: "t")
+    retried = controller.reconcile(body(), full=False, retry=2)
+    assert not retried.failure.permanent and retried.retry_in == 4 * controller.settings.resync_seconds
+    assert "stalledGeneration" not in retried.record and "(retry 3 in " in retried.failure.message

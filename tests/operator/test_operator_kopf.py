@@ -1,24 +1,29 @@
 """The real operator (kopf) against the kmock emulator over HTTP, with a real MLflow server.
 
 The emulator runs no controllers: the tests play kubelet and Job controller by patching the StatefulSet's and Job's
-status, and the shim's garbage collector removes owned children when their LuffyRun goes.
+status, and the shim's garbage collector removes owned children when their LuffyRun goes. Faults are injected as
+emulator reactions (an API server answering 422 or 503) or as an exception inside the operator's own code.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.request
 import uuid
 from typing import Any
 
+import kmock
 import kubernetes
+import pytest
 import yaml
 from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef
+from luffy_operator.mlflow_rest import MlflowRestClient
 from luffy_operator.settings import OperatorSettings
-from luffy_trainer.k8s_status import LuffyRunStatusReporter
+from luffy_trainer.k8s_status import ProgressReporter
 from luffyrun_samples import INVALID_CASES, invalid_run, names_field, valid_run
 from operator_harness import (
     ACCOUNTS,
@@ -104,11 +109,11 @@ def mlflow_post(url: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any]
         return json.loads(r.read())
 
 
-def reporter_for(cluster: Cluster, name: str) -> LuffyRunStatusReporter:
+def reporter_for(cluster: Cluster, name: str, attempt: int = 0) -> ProgressReporter:
     config = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=config)
-    api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(config))
-    return LuffyRunStatusReporter(name, "default", api, min_interval_s=0)
+    api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
+    return ProgressReporter(name, "default", api, min_interval_s=0, attempt=attempt)
 
 
 def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOperator, mlflow_uri: str) -> None:
@@ -130,9 +135,10 @@ def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOp
 
     # Children, the MLflow run, and no trainer until the rollout is ready.
     status = wait_for("Pending/WaitingForRollout", phase_is(cluster, "life", "Pending", "WaitingForRollout"))
-    owned = wait_for("all children", lambda: len(children_of(cluster, uid)) == 10 and children_of(cluster, uid))
+    owned = wait_for("all children", lambda: len(children_of(cluster, uid)) == 11 and children_of(cluster, uid))
     assert set(owned) == {
         "ConfigMap/life-config",
+        "ConfigMap/life-progress",
         "Service/life-rollout",
         "Service/life-trainer",
         "StatefulSet/life-rollout",
@@ -158,7 +164,7 @@ def test_lifecycle_from_create_to_delete(cluster: Cluster, operator: InProcessOp
     status = wait_for("Running", phase_is(cluster, "life", "Running"))
     assert status["startTime"]
 
-    # The trainer's progress report lands in status and survives the operator's own status updates.
+    # The trainer's progress report, checked and copied into status, survives the operator's own status updates.
     reporter_for(cluster, "life").report(step=3, total_steps=10, reward=0.25)
     wait_for("progress", lambda: cluster.status("life").get("progress", {}).get("step") == 3)
     set_rollout_ready(cluster, "life", 1)
@@ -338,3 +344,146 @@ def test_an_unreachable_mlflow_uri_holds_the_run_with_a_condition(
     assert (cond["status"], cond["reason"]) == ("False", "MlflowUnreachable") and dead in cond["message"]
     wait_for("WaitingForMlflow", phase_is(cluster, "offline", "Pending", "WaitingForMlflow"))
     assert cluster.api.get(f"{JOBS}/offline-trainer") is None
+
+
+def test_a_forged_status_changes_nothing_the_operator_decides(cluster: Cluster, operator: InProcessOperator) -> None:
+    """What a workload with write access to the status (the trainer's old Role) could do: reset the restart budget,
+    claim success, stop the timer, plant conditions and progress. The operator decides from its record and the
+    children, and rebuilds the status."""
+    run = valid_run("forged", failurePolicy={"maxRestarts": 1}, cleanup={"onSuccess": "Delete"})
+    cluster.api.create(RUNS, run)
+    wait_for("the rollout", lambda: cluster.api.get(f"{STATEFULSETS}/forged-rollout"))
+    set_rollout_ready(cluster, "forged", 2)
+    wait_for("attempt 0", lambda: cluster.api.get(f"{JOBS}/forged-trainer"))
+    first = cluster.api.get(f"{JOBS}/forged-trainer")["metadata"]["uid"]
+    set_job(cluster, "forged", failed=1, **finished("Failed"))
+    wait_for("attempt 1", lambda: (j := cluster.api.get(f"{JOBS}/forged-trainer")) and j["metadata"]["uid"] != first)
+    set_job(cluster, "forged", active=1, ready=1)
+    wait_for("Running", phase_is(cluster, "forged", "Running"))
+    assert cluster.status("forged")["restarts"] == 1
+
+    forged = {
+        "phase": "Succeeded",
+        "reason": "TrainerSucceeded",
+        "restarts": 0,
+        "finalized": True,
+        "completionTime": "2026-01-01T00:00:00Z",
+        "conditions": [
+            {"type": "Succeeded", "status": "True", "reason": "Forged", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ],
+        "progress": {"step": 10, "totalSteps": 10, "reward": 1.0},
+    }
+    cluster.api.merge(f"{RUNS}/forged/status", {"status": forged})
+    reporter_for(cluster, "forged", attempt=1).report(step=4, total_steps=10, reward=0.5)
+
+    def rebuilt() -> dict[str, Any] | None:
+        s = cluster.status("forged")
+        ok = (s.get("phase"), s.get("restarts"), s.get("finalized"), s.get("progress", {}).get("step")) == (
+            "Running",
+            1,
+            False,
+            4,
+        )
+        return s if ok else None
+
+    status = wait_for("the status rebuilt by the timer", rebuilt)
+    assert "Succeeded" not in {c["type"] for c in status["conditions"]} and status.get("completionTime") is None
+    assert cluster.api.get(f"{STATEFULSETS}/forged-rollout")["spec"]["replicas"] == 2  # not scaled down
+    assert cluster.api.get(f"{JOBS}/forged-trainer")["metadata"]["uid"] != first  # attempt 1 runs on, not deleted
+
+    cluster.api.merge(f"{RUNS}/forged/status", {"status": {"restarts": 0}})
+    set_job(cluster, "forged", failed=1, **finished("Failed"))
+    status = wait_for("the budget enforced", phase_is(cluster, "forged", "Failed", "MaxRestartsExceeded"))
+    assert status["restarts"] == 1 and cluster.api.get(f"{JOBS}/forged-trainer")  # kept (cleanup onFailure: Keep)
+
+
+# --- every failed pass ends in a condition and an Event; permanent ones stop, transient ones back off --------------
+
+
+def reconciled(cluster: Cluster, name: str, reason: str) -> Any:
+    def probe() -> dict[str, Any] | None:
+        cond = condition(cluster.status(name), "Reconciled")
+        return cond if cond.get("reason") == reason else None
+
+    return probe
+
+
+def warnings(cluster: Cluster, name: str, reason: str) -> list[dict[str, Any]]:
+    return [e for e in cluster.events(name) if e["type"] == "Warning" and e["reason"] == reason]
+
+
+def fail_requests(cluster: Cluster, method: str, path: str, status: int, while_: Any = lambda: True) -> list[float]:
+    """Make the emulator answer `status` to `method` requests on `path` while `while_()`; returns the times of the
+    failed requests as they come. (Reads: the emulator applies a write before a reaction answers it.)"""
+    times: list[float] = []
+
+    def matches(request: Any) -> bool:
+        hit = request.method.value == method and str(request.url.path) == path and while_()
+        if hit:
+            times.append(time.monotonic())
+        return hit
+
+    error = kmock.KubernetesError(status=status, reason="Injected", message=f"injected {status}")
+    cluster.server.call(lambda emulator: emulator[matches] << (lambda _: error))
+    return times
+
+
+def test_an_unexpected_exception_is_a_permanent_error_and_not_retried(
+    cluster: Cluster, operator: InProcessOperator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's silent loop: the MLflow client raising something other than MlflowError (http.client's InvalidURL
+    for a non-numeric port). Now: a condition, a Warning Event, no retry until the spec changes."""
+    calls: list[float] = []
+
+    def broken(self: MlflowRestClient, *args: Any, **kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        raise http.client.InvalidURL("nonnumeric port: 'abc'")
+
+    monkeypatch.setattr(MlflowRestClient, "ensure_run", broken)
+    cluster.api.create(RUNS, valid_run("broken", mlflow={"trackingUri": "http://mlflow:5000"}))
+    cond = wait_for("the condition", reconciled(cluster, "broken", "PermanentError"))
+    assert cond["status"] == "False" and "InvalidURL: nonnumeric port" in cond["message"]
+    wait_for("the Warning Event", lambda: warnings(cluster, "broken", "PermanentError"))
+    time.sleep(2 * SETTINGS.resync_seconds)  # a timer pass already under way may still end
+    seen = len(calls)
+    time.sleep(6 * SETTINGS.resync_seconds)
+    assert len(calls) == seen <= 2, calls  # the create pass and at most one timer pass: no loop
+    assert cluster.api.get(f"{STATEFULSETS}/broken-rollout") is None  # the pass stopped before acting
+
+    monkeypatch.undo()  # the cause fixed, a spec edit retries
+    cluster.api.merge(f"{RUNS}/broken", {"spec": {"rollout": {"replicas": 1}}})
+    wait_for("recovery", reconciled(cluster, "broken", "ReconcileSucceeded"))
+    wait_for("the rollout", lambda: cluster.api.get(f"{STATEFULSETS}/broken-rollout"))
+
+
+def test_a_4xx_from_the_api_server_is_a_permanent_error_and_not_retried(
+    cluster: Cluster, operator: InProcessOperator
+) -> None:
+    failed = fail_requests(cluster, "GET", f"{JOBS}/rejected-trainer", 403)
+    cluster.api.create(RUNS, valid_run("rejected"))
+    cond = wait_for("the condition", reconciled(cluster, "rejected", "PermanentError"))
+    assert "jobs/rejected-trainer" in cond["message"] and "403" in cond["message"]
+    wait_for("the Warning Event", lambda: warnings(cluster, "rejected", "PermanentError"))
+    time.sleep(2 * SETTINGS.resync_seconds)
+    seen = len(failed)
+    time.sleep(6 * SETTINGS.resync_seconds)
+    assert len(failed) == seen <= 2, failed
+
+
+def test_a_transient_error_backs_off_and_recovers(cluster: Cluster, operator: InProcessOperator) -> None:
+    down = [True]
+    failed = fail_requests(cluster, "GET", f"{JOBS}/flaky-trainer", 503, while_=lambda: down[0])
+    cluster.api.create(RUNS, valid_run("flaky"))
+    cond = wait_for("the condition", reconciled(cluster, "flaky", "TransientError"))
+    assert cond["status"] == "False" and "503" in cond["message"]
+    wait_for("three tries of each path", lambda: len(warnings(cluster, "flaky", "TransientError")) >= 6, timeout=30)
+    delays = {e["message"].rsplit(" in ", 1)[-1] for e in warnings(cluster, "flaky", "TransientError")}
+    base = SETTINGS.resync_seconds
+    assert {f"{base:g}s)", f"{2 * base:g}s)", f"{4 * base:g}s)"} <= delays, delays  # doubling
+    window = [t for t in failed if t - failed[0] < 12 * base]
+    assert len(window) <= 10, window  # two retrying paths (create handler, timer) at a constant resync: 24
+
+    down[0] = False
+    wait_for("recovery", reconciled(cluster, "flaky", "ReconcileSucceeded"), timeout=60)
+    assert cluster.api.get(f"{CONFIGMAPS}/flaky-config") and cluster.api.get(f"{STATEFULSETS}/flaky-rollout")
+    wait_for("WaitingForRollout", phase_is(cluster, "flaky", "Pending", "WaitingForRollout"))

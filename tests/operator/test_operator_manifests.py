@@ -8,6 +8,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from kubernetes.utils import parse_quantity
 from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef
@@ -120,7 +121,7 @@ def test_rollout_statefulset_serves_vllm_with_probes() -> None:
     assert args[args.index("--max-model-len") + 1] == str(64 + 64)
     assert args[args.index("--") + 1 :] == ["--enforce-eager", "--max-num-seqs=64"]
     assert env_of(container)["VLLM_SERVER_DEV_MODE"] == "1"
-    for probe in ("startupProbe", "readinessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
     startup = container["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= spec.rollout.startup_timeout_seconds
@@ -138,6 +139,77 @@ def test_rollout_on_cpu_has_no_gpu_request_and_a_model_cache_emptydir() -> None:
     assert "--gpu-memory-utilization" not in container["args"]
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes["model-cache"]
+
+
+def pods(spec) -> dict[str, dict[str, Any]]:
+    """component -> the pod spec of its workload."""
+    return {
+        "rollout": manifests.rollout_statefulset(REF, spec, 1)["spec"]["template"]["spec"],
+        "trainer": manifests.trainer_job(REF, spec, 0, None)["spec"]["template"]["spec"],
+    }
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_container_and_emptydir_is_bounded(name: str) -> None:
+    spec = SPECS[name]
+    for component, pod in pods(spec).items():
+        (container,) = pod["containers"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        for resource in ("cpu", "memory"):
+            assert requests[resource] and limits[resource], (component, resource)
+        gpus = {k: v for k, v in limits.items() if k == spec.scheduling.gpu_resource_name}
+        assert {k: requests[k] for k in gpus} == gpus, component
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        empty_dirs = {n: v["emptyDir"] for n, v in volumes.items() if "emptyDir" in v}
+        assert all(d.get("sizeLimit") for d in empty_dirs.values()), (component, empty_dirs)
+        assert empty_dirs["dshm"]["medium"] == "Memory"
+        # What /dev/shm holds counts against the memory limit: it must leave room for the process.
+        assert parse_quantity(empty_dirs["dshm"]["sizeLimit"]) < parse_quantity(limits["memory"]), component
+        on_disk = sum(parse_quantity(d["sizeLimit"]) for d in empty_dirs.values() if d.get("medium") != "Memory")
+        assert parse_quantity(requests["ephemeral-storage"]) == on_disk, component
+
+
+def test_resource_defaults_fill_what_the_spec_leaves_out() -> None:
+    bare = spec_of(rollout={"gpusPerReplica": 1}, trainer={"gpusPerNode": 2})
+    rollout, trainer = (pod["containers"][0]["resources"] for pod in pods(bare).values())
+    assert rollout == {
+        "requests": {"cpu": "4", "memory": "32Gi", "ephemeral-storage": "116Gi", "nvidia.com/gpu": 1},
+        "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 1},
+    }
+    assert trainer["requests"] == {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "116Gi", "nvidia.com/gpu": 2}
+    assert trainer["limits"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": 2}
+    volumes = {v["name"]: v for v in pods(bare)["rollout"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "16Gi"}
+    assert volumes["model-cache"]["emptyDir"] == {"sizeLimit": "100Gi"}
+
+
+def test_a_request_alone_is_the_limit_and_a_limit_alone_the_request() -> None:
+    spec = spec_of(
+        rollout={
+            "gpusPerReplica": 0,
+            "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "6Gi"}},
+            "shmSizeLimit": "1Gi",
+            "tmpSizeLimit": "512Mi",
+        },
+        trainer={"gpusPerNode": 0, "resources": {"requests": {"ephemeral-storage": "1Ti"}}},
+        modelCache={"sizeLimit": "20Gi"},
+    )
+    rollout, trainer = pods(spec).values()
+    assert rollout["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "6Gi", "ephemeral-storage": "20992Mi"},
+        "limits": {"cpu": "2", "memory": "6Gi"},
+    }
+    volumes = {v["name"]: v["emptyDir"] for v in rollout["volumes"] if "emptyDir" in v}
+    assert (volumes["dshm"]["sizeLimit"], volumes["tmp"]["sizeLimit"]) == ("1Gi", "512Mi")
+    assert volumes["model-cache"]["sizeLimit"] == "20Gi"
+    assert trainer["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "1Ti"  # the user's own
+
+
+def test_a_model_cache_claim_needs_no_ephemeral_storage_for_it() -> None:
+    spec = spec_of(modelCache={"claimName": "hf-cache"})
+    for pod in pods(spec).values():
+        assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "16Gi"  # /tmp only
 
 
 def test_trainer_job_is_an_indexed_torchrun_gang() -> None:
@@ -319,15 +391,17 @@ def test_the_control_token_secret_is_made_once_and_mounted_as_a_file() -> None:
     assert manifests.train_config(REF, sft).rollout.control_token_file is None
 
 
-def test_trainer_may_patch_only_its_own_status() -> None:
+def test_trainer_may_patch_only_its_progress_config_map() -> None:
     children = all_children(SPECS["small"])
     role = by_kind(children, "Role")
     binding = by_kind(children, "RoleBinding")
     account = by_kind(children, "ServiceAccount")
-    for rule in role["rules"]:
-        assert rule["apiGroups"] == ["luffy.dev"] and rule["resourceNames"] == ["demo"]
-        assert set(rule["verbs"]) <= {"get", "patch"}
-        assert "patch" not in rule["verbs"] or rule["resources"] == ["luffyruns/status"]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["demo-progress"], "verbs": ["patch"]}
+    ]
+    progress = next(c for c in children if c["metadata"]["name"] == "demo-progress")
+    assert progress["kind"] == "ConfigMap" and progress["data"] == {}
+    assert manifests.mutable_projection(progress) is None  # a full reconcile never resets the trainer's report
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}

@@ -1,4 +1,7 @@
-"""The reconciler's decisions (a pure function of the run and what was observed), scenario by scenario."""
+"""The reconciler's decisions (a pure function of the run and what was observed), scenario by scenario.
+
+`body(status=...)` stands for a run the operator has seen before: the status and the record annotation it wrote with
+it (the status fields the decisions read back). Forged statuses give the record explicitly."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import yaml
 from luffy_operator.api import dump_spec, parse_spec
 from luffy_operator.reconcile import (
     ACCEPTED_SPEC_ANNOTATION,
+    RECORD_ANNOTATION,
+    RECORD_FIELDS,
     JobView,
     MlflowView,
     Observed,
@@ -24,12 +29,22 @@ from luffyrun_samples import valid_run
 NOW = "2026-11-25T12:00:00Z"
 
 
-def body(status: dict[str, Any] | None = None, accepted: dict[str, Any] | None = None, **spec: Any) -> dict:
+def body(
+    status: dict[str, Any] | None = None,
+    accepted: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+    **spec: Any,
+) -> dict:
     obj = valid_run(**spec)
     obj["metadata"].update(uid="uid-1", generation=3)
+    status = status or {}
+    if record is None:
+        record = {k: v for k, v in status.items() if k in RECORD_FIELDS}
+    annotations = {RECORD_ANNOTATION: json.dumps(record)}
     if accepted is not None:
-        obj["metadata"]["annotations"] = {ACCEPTED_SPEC_ANNOTATION: json.dumps(accepted)}
-    obj["status"] = status or {}
+        annotations[ACCEPTED_SPEC_ANNOTATION] = json.dumps(accepted)
+    obj["metadata"]["annotations"] = annotations
+    obj["status"] = status
     return obj
 
 
@@ -174,7 +189,7 @@ def test_rescaling_the_rollout_restarts_the_trainer_with_the_new_endpoints() -> 
     assert (p.status["phase"], p.status["reason"], p.status["restarts"]) == ("Restarting", "RolloutRescaled", 0)
     grown = RolloutView(3, 3)
     new = plan(body(status=p.status, rollout={"replicas": 3, "gpusPerReplica": 0}), None, grown)
-    (cm,) = [c for c in new.ensure if c["kind"] == "ConfigMap"]
+    (cm,) = [c for c in new.ensure if c["metadata"]["name"] == "demo-config"]
     assert len(parse_config(yaml.safe_load(cm["data"]["config.yaml"])).rollout.server_urls) == 3
 
 
@@ -255,3 +270,78 @@ def test_reconciling_twice_changes_nothing_more() -> None:
     assert {**first.status, **second.status} == first.status  # status is merge-patched
     assert second.events == [] and second.accepted is None
     assert (second.create_job, second.delete_job, second.scale_rollout, second.ensure) == (None, False, None, [])
+
+
+# --- a forged status changes no decision ------------------------------------------------------------------------------
+
+FORGED = {
+    "phase": "Succeeded",
+    "reason": "TrainerSucceeded",
+    "restarts": 0,
+    "finalized": True,
+    "completionTime": NOW,
+    "progress": {"step": 10, "totalSteps": 10},
+    "mlflow": {"runId": "someone-elses"},
+    "conditions": [{"type": "Succeeded", "status": "True", "reason": "Forged", "lastTransitionTime": NOW}],
+}
+
+
+def test_a_forged_status_changes_nothing_the_operator_decides() -> None:
+    record = {"phase": "Restarting", "reason": "TrainerFailed", "restarts": 1, "mlflow": {"runId": "r1"}}
+    mlflow = {"trackingUri": "http://mlflow:5000"}
+    spec = {"failurePolicy": {"maxRestarts": 1}, "cleanup": {"onSuccess": "Delete"}, "mlflow": mlflow}
+    running = plan(body(status=FORGED, record=record, **spec), job(1, ready=1), READY)
+    assert (running.status["phase"], running.status["restarts"], running.status["finalized"]) == ("Running", 1, False)
+    assert running.delete == [] and running.scale_rollout is None  # not finished, nothing cleaned up
+    assert running.status["mlflow"]["runId"] == "r1" and "progress" not in running.status
+    assert "Succeeded" not in {c["type"] for c in running.status["conditions"]}  # the patch replaces the list
+    failed = plan(body(status=FORGED, record=running.record, **spec), job(1, condition="Failed"), READY)
+    assert (failed.status["phase"], failed.status["reason"]) == ("Failed", "MaxRestartsExceeded")  # budget holds
+    assert failed.create_job is None and failed.fail_mlflow_run == "r1"
+
+
+def test_without_a_record_a_jobs_attempt_is_the_floor_of_the_restart_count() -> None:
+    p = plan(body(status={"restarts": 0}, record={}, failurePolicy={"maxRestarts": 1}), job(1, condition="Failed"))
+    assert (p.status["phase"], p.status["restarts"]) == ("Failed", 1)
+
+
+def test_a_run_from_before_the_record_is_seeded_from_its_status_once() -> None:
+    obj = body(status={"phase": "Succeeded", "reason": "TrainerSucceeded", "finalized": True, "restarts": 2})
+    del obj["metadata"]["annotations"][RECORD_ANNOTATION]
+    p = plan(obj, None, RolloutView(0, 0))  # its trainer Job gone long ago: not started again
+    assert (p.status["phase"], p.status["restarts"], p.create_job, p.scale_rollout) == ("Succeeded", 2, None, None)
+    assert p.record["finalized"] is True and p.record["restarts"] == 2
+
+
+def report(step: int = 3, attempt: int = 0, **extra: Any) -> str:
+    return json.dumps({"step": step, "totalSteps": 10, "reward": 0.5, "attempt": attempt, **extra})
+
+
+def progress_plan(raw: str, record: dict[str, Any] | None = None, attempt: int = 0) -> Plan:
+    obj = body(status={"phase": "Running"}, record={"phase": "Running", **(record or {})})
+    run = RunView.from_body(obj)
+    observed = Observed(job=job(attempt, ready=1), rollout=READY, progress=raw)
+    return plan_run(run, resolve_spec(run), observed, NOW, full=False)
+
+
+def test_a_progress_report_is_copied_once_checked() -> None:
+    p = progress_plan(report())
+    assert p.status["progress"] == {"step": 3, "totalSteps": 10, "reward": 0.5, "updatedTime": None}
+    assert p.record["progress"] == p.status["progress"] and p.record["progressAttempt"] == 0
+    for bad in (
+        report(step=11),  # beyond totalSteps
+        report(step=-1),
+        json.dumps({"step": 3, "totalSteps": 99, "attempt": 0}),  # not the spec's totalSteps
+        json.dumps({"step": "3", "totalSteps": 10, "attempt": 0}),  # no coercion
+        report(reward=1e12),
+        report(updatedTime="yesterday"),
+        report(phase="Succeeded"),  # nothing but progress
+        report(attempt=1),  # not the running attempt
+        "{" + " " * 5000 + "}",
+        "not json",
+    ):
+        assert "progress" not in progress_plan(bad).status, bad
+    kept = progress_plan(report(step=2), record=p.record)  # behind this attempt's last report
+    assert kept.status["progress"]["step"] == 3
+    resumed = progress_plan(report(step=2, attempt=1), record=p.record, attempt=1)  # a restart resumes earlier
+    assert resumed.status["progress"]["step"] == 2 and resumed.record["progressAttempt"] == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-# --- the LuffyRun API: where the trainer reports its progress ------------------------------------------------------
+# --- the LuffyRun API and the trainer's progress channel -----------------------------------------------------------
 
 GROUP = "luffy.dev"
 VERSION = "v1alpha1"
@@ -34,7 +34,8 @@ class Section(BaseModel):
 
 
 class ProgressStatus(Section):
-    """Training progress, reported by trainer rank 0 into `status.progress` (dumped by alias)."""
+    """Training progress as `status.progress` shows it (dumped by alias); the operator copies it from the trainer's
+    progress report once the report passes its checks."""
 
     step: int = Field(0, description="Last completed training step.")
     total_steps: int = Field(0, description="Steps the run will take.")
@@ -48,10 +49,27 @@ class ProgressStatus(Section):
     updated_time: str | None = Field(None, description="When the trainer last reported (RFC 3339).")
 
 
+class ProgressReport(ProgressStatus):
+    """What trainer rank 0 writes into its run's progress ConfigMap (key PROGRESS_KEY, JSON): progress and the attempt
+    it belongs to. This channel carries progress only; the operator's decisions never read it."""
+
+    attempt: int = Field(0, ge=0, description="The trainer attempt (its Job's luffy.dev/attempt) that reports.")
+
+
+PROGRESS_KEY = "progress.json"
+MAX_PROGRESS_BYTES = 4096  # a longer report is refused by the operator
+
+
+def progress_config_map(run_name: str) -> str:
+    """The ConfigMap the trainer of run `run_name` reports progress into: the only object its Role may patch."""
+    return f"{run_name}-progress"
+
+
 # --- environment variables of trainer pods (a LuffyRun's own env may set none of them) ----------------------------
 
-ENV_RUN_NAME = "LUFFY_RUN_NAME"  # the pod's own LuffyRun, whose status it reports into
+ENV_RUN_NAME = "LUFFY_RUN_NAME"  # the pod's own LuffyRun, whose progress ConfigMap it reports into
 ENV_RUN_NAMESPACE = "LUFFY_RUN_NAMESPACE"
+ENV_ATTEMPT = "LUFFY_ATTEMPT"  # the trainer attempt, from its pod's luffy.dev/attempt annotation
 ENV_NODE_INDEX = "JOB_COMPLETION_INDEX"  # the trainer pod's index in its Indexed Job: its torchrun node rank
 # MLflow's own variables. The operator sets neither of these two (the config's tracking section carries them); outside
 # a cluster they override the config.

@@ -1,9 +1,10 @@
-"""Trainer rank 0 reports progress into its own LuffyRun's `status.progress` (what `kubectl get lr` shows).
+"""Trainer rank 0 reports progress into its run's progress ConfigMap; the operator copies it into `status.progress`.
 
-The operator passes the run's name and namespace (`contract.ENV_RUN_NAME`, `contract.ENV_RUN_NAMESPACE`) and a service
-account that may patch only this run's status. Outside a cluster (no run name) `from_env()` returns None. Reporting
-never raises into the training loop: an API error is logged and a later report tries again. Reports are rate-limited;
-the last step is always sent.
+The operator passes the run's name and namespace (`contract.ENV_RUN_NAME`, `contract.ENV_RUN_NAMESPACE`), the attempt
+(`contract.ENV_ATTEMPT`) and a service account that may patch only that ConfigMap: the trainer cannot write its
+LuffyRun, so it cannot touch the restart budget or the run's lifecycle. Outside a cluster (no run name) `from_env()`
+returns None. Reporting never raises into the training loop: an API error is logged and a later report tries again.
+Reports are rate-limited; the last step is always sent.
 """
 
 from __future__ import annotations
@@ -15,15 +16,22 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from luffy_trainer.contract import ENV_RUN_NAME, ENV_RUN_NAMESPACE, GROUP, PLURAL, VERSION, ProgressStatus
+from luffy_trainer.contract import (
+    ENV_ATTEMPT,
+    ENV_RUN_NAME,
+    ENV_RUN_NAMESPACE,
+    PROGRESS_KEY,
+    ProgressReport,
+    progress_config_map,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_INTERVAL_S = 10.0
 
 
-class LuffyRunStatusReporter:
-    """Merge-patches `status.progress` of one LuffyRun through the status subresource."""
+class ProgressReporter:
+    """Merge-patches the progress report into the run's progress ConfigMap."""
 
     def __init__(
         self,
@@ -33,17 +41,19 @@ class LuffyRunStatusReporter:
         min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         timeout_s: float = 5.0,
+        attempt: int = 0,
     ) -> None:
         self.name = name
         self.namespace = namespace
-        self.api = api  # kubernetes.client.CustomObjectsApi
+        self.api = api  # kubernetes.client.CoreV1Api
         self.min_interval_s = min_interval_s
         self.clock = clock
         self.timeout_s = timeout_s
+        self.attempt = attempt
         self._last_sent: float | None = None
 
     @classmethod
-    def from_env(cls, min_interval_s: float = DEFAULT_MIN_INTERVAL_S) -> LuffyRunStatusReporter | None:
+    def from_env(cls, min_interval_s: float = DEFAULT_MIN_INTERVAL_S) -> ProgressReporter | None:
         """A reporter for the LuffyRun the environment names, or None when it names none.
 
         Uses the pod's service account, or the kubeconfig when run outside a pod."""
@@ -59,11 +69,14 @@ class LuffyRunStatusReporter:
                 kubernetes.config.load_incluster_config(client_configuration=config)
             except kubernetes.config.ConfigException:
                 kubernetes.config.load_kube_config(client_configuration=config)
-            api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(config))
+            api = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
         except Exception as exc:  # no kubernetes package, no credentials: training goes on without reports
-            log.warning("LuffyRun status reports disabled: cannot configure a Kubernetes client (%s)", exc)
+            log.warning("LuffyRun progress reports disabled: cannot configure a Kubernetes client (%s)", exc)
             return None
-        return cls(name, namespace, api, min_interval_s=min_interval_s)
+        attempt = os.environ.get(ENV_ATTEMPT, "0")
+        return cls(
+            name, namespace, api, min_interval_s=min_interval_s, attempt=int(attempt) if attempt.isdigit() else 0
+        )
 
     def report(self, step: int, total_steps: int, reward: float | None) -> None:
         """Record progress; skipped if the last report was under `min_interval_s` ago, unless this is the last step."""
@@ -71,27 +84,25 @@ class LuffyRunStatusReporter:
         final = step >= total_steps
         if not final and self._last_sent is not None and now - self._last_sent < self.min_interval_s:
             return
-        progress = ProgressStatus(
+        progress = ProgressReport(
             step=step,
             total_steps=total_steps,
             reward=None if reward is None or reward != reward else float(reward),  # NaN is not valid JSON
             updated_time=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            attempt=self.attempt,
         )
         self._last_sent = now  # attempts are rate-limited too: an unreachable API must not slow every step
-        body = {"status": {"progress": progress.model_dump(mode="json", by_alias=True)}}
+        body = {"data": {PROGRESS_KEY: progress.model_dump_json(by_alias=True)}}
         try:
-            self.api.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
+            self.api.patch_namespaced_config_map(
+                progress_config_map(self.name),
                 self.namespace,
-                PLURAL,
-                self.name,
                 body,
                 _content_type="application/merge-patch+json",
                 _request_timeout=self.timeout_s,
             )
-        except Exception as exc:  # the training loop must not die for a status report
-            log.warning("could not report progress to LuffyRun %s/%s: %s", self.namespace, self.name, exc)
+        except Exception as exc:  # the training loop must not die for a progress report
+            log.warning("could not report progress of LuffyRun %s/%s: %s", self.namespace, self.name, exc)
 
 
 def run_identity(environ: Mapping[str, str]) -> tuple[str, str] | None:

@@ -194,7 +194,7 @@ class LuffyTrainer:
             self._sync_weights(version=resumed["step"])
 
     def _setup_rank0(self, resumed: dict[str, Any] | None) -> None:
-        from luffy_trainer.k8s_status import LuffyRunStatusReporter
+        from luffy_trainer.k8s_status import ProgressReporter
         from luffy_trainer.rewards import RewardPool
         from luffy_trainer.rollout import build_rollout_engine
         from luffy_trainer.tracking import MlflowTracker
@@ -206,7 +206,7 @@ class LuffyTrainer:
             self.tracker.log_text(dump_config(cfg), "config/resolved.yaml")
             self.tracker.log_code_version("luffy train")
         self.tracker.log_datasets({"training": cfg.data.train_files, "validation": cfg.data.val_files})
-        self.status_reporter = LuffyRunStatusReporter.from_env()
+        self.status_reporter = ProgressReporter.from_env()
         self.reward_pool = RewardPool(cfg.reward.name, cfg.reward.num_workers, cfg.reward.timeout_s)
         if self.algorithm.uses_rollouts or self.val_examples:
             self.engine = build_rollout_engine(cfg, cfg.model.path)

@@ -49,8 +49,27 @@ app.kubernetes.io/part-of: luffy
 {{- end }}
 {{- end }}
 
+{{/* repository:tag, pinned with @digest when the values give one; call with (dict "image" ... "tag" default-tag). */}}
+{{- define "luffy.image" -}}
+{{- printf "%s:%s" .image.repository (default .tag .image.tag) }}{{ with .image.digest }}@{{ . }}{{ end }}
+{{- end }}
+
 {{- define "luffy.operatorImage" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- include "luffy.image" (dict "image" .Values.operator.image "tag" .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+A container's resources with an ephemeral-storage request for its /tmp emptyDir unless the values give one; call
+with (dict "resources" .Values.x.resources "tmp" .Values.x.tmpSizeLimit).
+*/}}
+{{- define "luffy.resources" -}}
+{{- $resources := deepCopy .resources }}
+{{- $requests := default (dict) $resources.requests }}
+{{- if not (hasKey $requests "ephemeral-storage") }}
+{{- $_ := set $requests "ephemeral-storage" .tmp }}
+{{- end }}
+{{- $_ := set $resources "requests" $requests }}
+{{- toYaml $resources }}
 {{- end }}
 
 {{/* Whether MLflow keeps anything on its PVC: the sqlite database or the artifacts. */}}
@@ -66,7 +85,8 @@ app.kubernetes.io/part-of: luffy
 What the operator does in the namespaces of its runs, and nothing more (operator/luffy_operator/kube.py,
 controller.py, reconcile.py; kopf's finalizer, annotation and status patches and its Events). The run's children are
 created, and deleted on cleanup; only the trainer config (its ConfigMap: rollout server URLs), the trainer Service
-(ports) and the rollout StatefulSet (replicas) are patched.
+(ports) and the rollout StatefulSet (replicas) are patched. Secrets: create only (the per-run token Secret, owned by
+the run and garbage-collected with it); the operator reads no Secret, so it cannot be made to pass one on.
 The trainer's Role grants get on its LuffyRun and get/patch on its status, which the operator must hold itself
 (RBAC refuses to create a Role granting more than its creator has); the children's ownerReferences set
 blockOwnerDeletion, which needs update on luffyruns/finalizers.
@@ -86,7 +106,7 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   verbs: [create]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [create, patch]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [create]
@@ -98,7 +118,7 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
   verbs: [create, delete]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [create]
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [get, create, patch, delete]
