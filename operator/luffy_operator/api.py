@@ -303,9 +303,17 @@ class SecretReference(Section):
 
 
 class MlflowSpec(TrackingConfig):
-    """MLflow tracking. The operator creates the run, so every trainer restart continues the same one."""
+    """MLflow tracking. The operator creates the run, so every trainer restart continues the same one; where the
+    server refuses the operator (401/403), the trainer creates it and keeps its id in the checkpoints."""
 
-    credentials_secret: SecretReference | None = Field(None, description="Secret with the MLflow credentials.")
+    credentials_secret: SecretReference | None = Field(
+        None,
+        description=(
+            "Secret of the run's namespace with the MLflow credentials, passed to the trainer pods only, by "
+            "secretKeyRef (so the access of whoever may create those pods decides). The operator never reads it: "
+            "its own MLflow calls use the installation's credentials, sent only to the installation's server."
+        ),
+    )
 
     @field_validator("tracking_uri")
     @classmethod

@@ -7,7 +7,6 @@ classified (`classify`) into the outcome's failure, which the handler turns into
 
 from __future__ import annotations
 
-import base64
 import datetime
 import logging
 import secrets
@@ -24,6 +23,7 @@ from luffy_operator.kube import ApiError, KubeClient, ObjectKey
 from luffy_operator.manifests import RunRef
 from luffy_operator.mlflow_rest import MlflowCredentials, MlflowError, MlflowRestClient
 from luffy_operator.reconcile import (
+    MLFLOW_DELEGATED,
     Event,
     Failure,
     JobView,
@@ -40,9 +40,6 @@ from luffy_operator.reconcile import (
 from luffy_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
-
-# The opt-in a run's MLflow Secret needs before the operator sends its values anywhere (label value "true").
-MLFLOW_CREDENTIALS_LABEL = "luffy.dev/mlflow-credentials"
 
 
 def utc_now() -> str:
@@ -142,16 +139,17 @@ class Controller:
         return Observed(job=job, rollout=rollout, mlflow=self.observe_mlflow(run, spec, job), progress=progress)
 
     def observe_mlflow(self, run: RunView, spec: LuffyRunSpec, job: JobView | None) -> MlflowView:
-        """Create the MLflow run once; after success, look up the model version the trainer registered."""
-        if spec.mlflow is None:
+        """Create the MLflow run once; after success, look up the model version the trainer registered. A run whose
+        MLflow server refused the operator (recorded in MLFLOW_DELEGATED) is left to its trainer: no more calls."""
+        if spec.mlflow is None or run.record.get(MLFLOW_DELEGATED):
             return MlflowView()
         run_id = (run.record.get("mlflow") or {}).get("runId")
         wants_version = needs_model_version(spec, run.record, job)
         if run_id and not wants_version:
             return MlflowView()
-        how = ""
+        authenticated = False
         try:
-            client, how = self.mlflow_client(spec, run.ref.namespace)
+            client, authenticated = self.mlflow_client(spec)
             if not run_id:
                 created = client.ensure_run(
                     spec.mlflow.experiment_name,
@@ -159,69 +157,69 @@ class Controller:
                     run.ref.uid,
                     {"luffy.run": run.ref.name, "luffy.namespace": run.ref.namespace},
                 )
-                return MlflowView(
-                    run_id=created.run_id, experiment_id=created.experiment_id, url=created.url, credentials=how
-                )
+                return MlflowView(run_id=created.run_id, experiment_id=created.experiment_id, url=created.url)
             version = client.model_version(spec.mlflow.registered_model_name or "", run_id)
             return MlflowView(model_version=version, model_lookup_done=True)
         except MlflowError as err:
-            return MlflowView(error="; ".join(filter(None, [str(err), how])), unreachable=err.unreachable)
-        except ApiError as err:  # e.g. no permission to read the Secret's labels
-            return MlflowView(error=f"spec.mlflow.credentialsSecret: {err}")
+            if err.refused and not run_id:
+                message = self._refused_message(spec, err, authenticated)
+                if spec.mlflow.credentials_secret is not None:
+                    return MlflowView(delegated=message)
+                return MlflowView(error=message)
+            return MlflowView(error=str(err), unreachable=err.unreachable)
 
-    def mlflow_client(self, spec: LuffyRunSpec, namespace: str) -> tuple[MlflowRestClient, str]:
-        """A client of the run's tracking server with the credentials `mlflow_credentials` allows, and why those."""
+    def mlflow_client(self, spec: LuffyRunSpec) -> tuple[MlflowRestClient, bool]:
+        """A client of the run's tracking server, and whether it authenticates (with the installation's credentials,
+        the only ones the operator has)."""
         m = spec.mlflow
         assert m is not None and m.tracking_uri is not None
-        credentials, how = self.mlflow_credentials(spec, namespace)
-        return MlflowRestClient(m.tracking_uri, credentials, timeout_s=self.settings.mlflow_timeout_seconds), how
+        credentials = self.installation_credentials(m.tracking_uri)
+        client = MlflowRestClient(m.tracking_uri, credentials, timeout_s=self.settings.mlflow_timeout_seconds)
+        return client, credentials is not None
 
-    def mlflow_credentials(self, spec: LuffyRunSpec, namespace: str) -> tuple[MlflowCredentials | None, str]:
-        """What the operator's own MLflow calls for this run authenticate with, and why (for the condition).
-
-        Never a Secret the run merely names: the operator is no deputy for a user who may create LuffyRuns but not
-        read Secrets. A run's Secret is used only if it carries MLFLOW_CREDENTIALS_LABEL=true (its labels are read
-        first, without its values) and the URI is https, or http where the installation allows it. Otherwise the
-        installation's credentials, sent only to the installation's own MLflow server; otherwise none."""
-        m = spec.mlflow
-        assert m is not None and m.tracking_uri is not None
-        ref, why = m.credentials_secret, ""
-        if ref is not None:
-            key = ObjectKey("v1", "Secret", namespace, ref.name)
-            found = self.kube.get_metadata(key)
-            if found is None:
-                raise MlflowError(f"spec.mlflow.credentialsSecret: Secret {namespace}/{ref.name} not found")
-            if (found["metadata"].get("labels") or {}).get(MLFLOW_CREDENTIALS_LABEL) == "true":
-                self._check_transport(m.tracking_uri, f"spec.mlflow.credentialsSecret {ref.name}")
-                return self._secret_credentials(key, ref), f"credentials from Secret {ref.name}"
-            why = (
-                f"the operator does not use spec.mlflow.credentialsSecret {ref.name}: it is not labelled "
-                f"{MLFLOW_CREDENTIALS_LABEL}=true (the trainer pods still get it)"
-            )
+    def installation_credentials(self, uri: str) -> MlflowCredentials | None:
+        """The installation's MLflow credentials if `uri` is the installation's server (same scheme, host and port),
+        else None. The operator reads no Secret: a run's spec.mlflow.credentialsSecret reaches only its trainer pods
+        (secretKeyRef), so the operator is no deputy for a user who may create LuffyRuns but not read Secrets."""
         s = self.settings
-        if s.has_mlflow_credentials and _origin(m.tracking_uri) == _origin(s.mlflow_tracking_uri):
-            creds = MlflowCredentials(s.mlflow_username or None, s.mlflow_password or None, s.mlflow_token or None)
-            return creds, "; ".join(filter(None, [why, "the operator's own credentials"]))
-        return None, why
-
-    def _check_transport(self, uri: str, what: str) -> None:
+        if not s.has_mlflow_credentials or _origin(uri) != _origin(s.mlflow_tracking_uri):
+            return None
         scheme = urllib.parse.urlsplit(uri).scheme
-        if scheme != "https" and not self.settings.mlflow_allow_http:
+        if scheme != "https" and not s.mlflow_allow_http:  # OperatorSettings.check refuses this at start-up too
             raise MlflowError(
-                f"{what}: the operator sends credentials over https only, and spec.mlflow.trackingUri is {scheme}:// "
+                f"the operator sends its credentials over https only, and spec.mlflow.trackingUri is {scheme}:// "
                 "(the installation may allow http: LUFFY_OPERATOR_MLFLOW_ALLOW_HTTP, chart operator.mlflow.allowHttp)"
             )
+        return MlflowCredentials(s.mlflow_username or None, s.mlflow_password or None, s.mlflow_token or None)
 
-    def _secret_credentials(self, key: ObjectKey, ref: Any) -> MlflowCredentials:
-        secret = self.kube.get(key)
-        if secret is None:
-            raise MlflowError(f"spec.mlflow.credentialsSecret: Secret {key.namespace}/{key.name} not found")
-        data = secret.get("data") or {}
-
-        def value(k: str) -> str | None:
-            return base64.b64decode(data[k]).decode() if k in data else None
-
-        return MlflowCredentials(value(ref.username_key), value(ref.password_key), value(ref.token_key))
+    @staticmethod
+    def _refused_message(spec: LuffyRunSpec, err: MlflowError, authenticated: bool) -> str:
+        """The MlflowReady message for a server that refused the operator (401/403) before the MLflow run existed."""
+        m = spec.mlflow
+        assert m is not None and m.tracking_uri is not None
+        server = _server(m.tracking_uri)
+        sent = "the installation's credentials" if authenticated else "the operator's call (it has none for it)"
+        if authenticated:
+            how = (
+                f"to let the operator create runs on {server}, the installation's credentials need access to it "
+                "(chart operator.mlflow.credentialsSecret)"
+            )
+        else:
+            how = (
+                f"to let the operator create runs on {server}, the installation needs credentials for it: chart "
+                "values operator.mlflow.trackingUri and operator.mlflow.credentialsSecret (LUFFY_OPERATOR_MLFLOW_"
+                "TRACKING_URI, LUFFY_OPERATOR_MLFLOW_TOKEN or LUFFY_OPERATOR_MLFLOW_USERNAME/PASSWORD)"
+            )
+        if m.credentials_secret is None:
+            return (
+                f"MLflow server {server} refused {sent}: HTTP {err.http_status}. Name the run's credentials in "
+                f"spec.mlflow.credentialsSecret (the trainer then creates the MLflow run), or {how}"
+            )
+        return (
+            f"MLflow server {server} refused {sent} (HTTP {err.http_status}): the trainer creates the MLflow run with "
+            f"spec.mlflow.credentialsSecret {m.credentials_secret.name}, and the operator neither looks up the "
+            f"registered model version nor marks the MLflow run failed; {how}"
+        )
 
     # --- acting -----------------------------------------------------------------------------------------------------
 
@@ -253,8 +251,8 @@ class Controller:
             attempt(f"deleting {key}", lambda k=key: self.kube.delete(k))
         if plan.fail_mlflow_run and spec is not None and spec.mlflow is not None:
             try:
-                self.mlflow_client(spec, ref.namespace)[0].mark_failed(plan.fail_mlflow_run)
-            except (MlflowError, ApiError, ValueError) as err:  # best effort: the run has failed either way
+                self.mlflow_client(spec)[0].mark_failed(plan.fail_mlflow_run)
+            except (MlflowError, ValueError) as err:  # best effort: the run has failed either way
                 log.warning("could not mark MLflow run %s failed: %s", plan.fail_mlflow_run, err)
         return errors
 
@@ -278,3 +276,9 @@ def _origin(uri: str) -> tuple[str, str, int | None]:
     except ValueError:
         port = None
     return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _server(uri: str) -> str:
+    """`uri`'s scheme, host and port, for messages (no path, no userinfo)."""
+    scheme, host, port = _origin(uri)
+    return f"{scheme}://{host}:{port}" if port is not None else f"{scheme}://{host}"

@@ -29,10 +29,6 @@ RESOURCES: dict[tuple[str, str], str] = {
 }
 
 
-# Accept header of a metadata-only GET, with plain JSON as the fallback of servers that do not offer it.
-METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
-
-
 class ApiError(Exception):
     """A Kubernetes API call that failed; `status` is the HTTP status (0 when the server was not reached)."""
 
@@ -80,15 +76,8 @@ class KubeClient:
         self.api_client = api_client
         self.timeout_s = timeout_s
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        content_type: str = "application/json",
-        accept: str = "application/json",
-    ) -> Any:
-        headers = {"Accept": accept}
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
         serialized = self.api_client.param_serialize(
@@ -110,17 +99,6 @@ class KubeClient:
             if err.status == 404:
                 return None
             raise
-
-    def get_metadata(self, key: ObjectKey) -> dict[str, Any] | None:
-        """Only the object's metadata (a PartialObjectMetadata GET: the API server sends no data or spec), e.g. a
-        Secret's labels without its values; None if it does not exist."""
-        try:
-            obj = self._call("GET", key.path(), accept=METADATA_ONLY)
-        except ApiError as err:
-            if err.status == 404:
-                return None
-            raise
-        return {"metadata": (obj or {}).get("metadata") or {}}
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False if it already exists."""

@@ -19,11 +19,17 @@ UID_TAG = "luffy.uid"
 
 
 class MlflowError(Exception):
-    """An MLflow call that failed; `unreachable` when no HTTP answer came back at all."""
+    """An MLflow call that failed; `unreachable` when no HTTP answer came back at all, `http_status` when one did."""
 
-    def __init__(self, message: str, unreachable: bool = False) -> None:
+    def __init__(self, message: str, unreachable: bool = False, http_status: int | None = None) -> None:
         super().__init__(message)
         self.unreachable = unreachable
+        self.http_status = http_status
+
+    @property
+    def refused(self) -> bool:
+        """The server wants credentials the caller did not send, or refused the ones it sent (401, 403)."""
+        return self.http_status in (401, 403)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,8 @@ class MlflowRestClient:
             except ValueError:
                 detail = {"message": payload[:200].decode(errors="replace")}
             code = detail.get("error_code", "")
-            raise MlflowError(f"MLflow {endpoint}: HTTP {err.code} {code} {detail.get('message', '')}".strip()) from err
+            message = f"MLflow {endpoint}: HTTP {err.code} {code} {detail.get('message', '')}".strip()
+            raise MlflowError(message, http_status=err.code) from err
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise MlflowError(f"cannot reach MLflow at {self.base}: {reason}", unreachable=True) from err

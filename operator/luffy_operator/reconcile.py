@@ -58,6 +58,10 @@ RECORD_FIELDS = (
     "completionTime",
     "finalized",
 )
+# In the record: why the operator left creating the MLflow run to the trainer (its server refused the operator with
+# 401/403 and the run names a credentialsSecret the trainer gets). Once there, the operator no longer calls that server
+# for the run: the trainer's run is the run's MLflow run, and another created later would duplicate it.
+MLFLOW_DELEGATED = "mlflowDelegated"
 MAX_ABS_REWARD = 1e9  # a progress report's reward beyond this is refused
 
 
@@ -169,7 +173,7 @@ class MlflowView:
     unreachable: bool = False
     model_version: str | None = None
     model_lookup_done: bool = False
-    credentials: str = ""  # how the operator's call authenticated, or why a run's Secret was not used
+    delegated: str | None = None  # the server refused the operator: the trainer creates the run (the reason)
 
 
 @dataclass(frozen=True)
@@ -334,20 +338,23 @@ def plan_run(
     spec = res.spec
     st = StatusBuilder(old, now, run.generation)
     st.condition("SpecAccepted", res.reason == "Accepted", res.reason, res.message)
-    mlflow = _mlflow_status(spec, old, obs.mlflow, st)
+    delegated = (obs.mlflow.delegated or old.get(MLFLOW_DELEGATED)) if spec.mlflow is not None else None
+    mlflow = _mlflow_status(spec, old, obs.mlflow, delegated, st)
     mlflow_run_id = mlflow.run_id if mlflow else None
 
     plan = Plan(status={}, accepted=res.accepted)
-    restarts = _next_phase(run.ref, spec, old, obs, mlflow_run_id, st, plan, extra_egress)
+    restarts = _next_phase(run.ref, spec, old, obs, mlflow_run_id, bool(delegated), st, plan, extra_egress)
     finished = st.status.phase in TERMINAL_PHASES
     desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
     cleanup = spec.cleanup.on_success if st.status.phase == "Succeeded" else spec.cleanup.on_failure
     deleting = finished and cleanup == "Delete"
     _plan_children(run.ref, spec, obs, desired, deleting, full, plan, extra_egress)
-    _record_status(spec, old, obs, now, desired, deleting, restarts, mlflow, st)
+    _record_status(spec, old, obs, now, desired, deleting, restarts, mlflow, bool(delegated), st)
     progress_attempt = _progress(spec, old, obs, st)
     plan.status = st.build()
     plan.record = _new_record(run.record, plan.status, progressAttempt=progress_attempt)
+    if delegated:
+        plan.record[MLFLOW_DELEGATED] = delegated
     plan.events = transition_events(old, plan.status)
     return plan
 
@@ -376,6 +383,7 @@ def _next_phase(
     old: dict[str, Any],
     obs: Observed,
     mlflow_run_id: str | None,
+    mlflow_delegated: bool,
     st: StatusBuilder,
     plan: Plan,
     extra_egress: Sequence[dict[str, Any]],
@@ -389,7 +397,7 @@ def _next_phase(
     elif obs.job is not None:
         restarts = _trainer_phase(spec, old, obs.job, restarts, mlflow_run_id, st, plan)
     else:
-        _admission_phase(ref, spec, obs, mlflow_run_id, restarts, st, plan, extra_egress)
+        _admission_phase(ref, spec, obs, mlflow_run_id, mlflow_delegated, restarts, st, plan, extra_egress)
     return restarts
 
 
@@ -455,16 +463,18 @@ def _admission_phase(
     spec: LuffyRunSpec,
     obs: Observed,
     mlflow_run_id: str | None,
+    mlflow_delegated: bool,
     restarts: int,
     st: StatusBuilder,
     plan: Plan,
     extra_egress: Sequence[dict[str, Any]],
 ) -> None:
-    """No trainer Job: start one once the run is not suspended and its MLflow run and every rollout replica exist."""
+    """No trainer Job: start one once the run is not suspended, its MLflow run exists (or is the trainer's to
+    create) and every rollout replica is ready."""
     rollout = obs.rollout
     if spec.suspend:
         st.phase("Suspended", "Suspended", SUSPENDED_MESSAGE)
-    elif spec.mlflow is not None and not mlflow_run_id:
+    elif spec.mlflow is not None and not mlflow_run_id and not mlflow_delegated:
         st.phase("Pending", "WaitingForMlflow", obs.mlflow.error or "creating the MLflow run")
     elif spec.uses_rollouts and not _rollout_ready(rollout, spec.rollout.replicas):
         ready = rollout.ready if rollout else 0
@@ -508,6 +518,7 @@ def _record_status(
     deleting: bool,
     restarts: int,
     mlflow: MlflowStatus | None,
+    mlflow_delegated: bool,
     st: StatusBuilder,
 ) -> None:
     """The conditions and counters of the status, once the phase is decided."""
@@ -546,7 +557,10 @@ def _record_status(
         scaled_down = rollout is None or (rollout.replicas == 0 and rollout.ready == 0)
         cleaned = not deleting or (job is None and rollout is None)
         model_known = (
-            not _wants_model_version(spec) or obs.mlflow.model_lookup_done or bool(mlflow and mlflow.model_version)
+            not _wants_model_version(spec)
+            or mlflow_delegated  # the operator does not call that server: the version stays unknown here
+            or obs.mlflow.model_lookup_done
+            or bool(mlflow and mlflow.model_version)
         )
         status.finalized = scaled_down and cleaned and model_known
 
@@ -559,8 +573,10 @@ def _wants_model_version(spec: LuffyRunSpec) -> bool:
     return spec.mlflow is not None and spec.mlflow.registered_model_name is not None
 
 
-def _mlflow_status(spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, st: StatusBuilder) -> MlflowStatus | None:
-    """status.mlflow and the MlflowReady condition."""
+def _mlflow_status(
+    spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, delegated: str | None, st: StatusBuilder
+) -> MlflowStatus | None:
+    """status.mlflow and the MlflowReady condition (true also when the trainer is to create the MLflow run)."""
     if spec.mlflow is None:
         return None
     mlflow = dict(old.get("mlflow") or {})
@@ -574,17 +590,20 @@ def _mlflow_status(spec: LuffyRunSpec, old: dict[str, Any], seen: MlflowView, st
         reason = "MlflowUnreachable" if seen.unreachable else "MlflowError"
         st.condition("MlflowReady", False, reason, seen.error)
     elif mlflow.get("runId"):
-        how = f" ({seen.credentials})" if seen.credentials else ""
-        st.condition("MlflowReady", True, "RunCreated", f"MLflow run {mlflow['runId']}{how}")
+        st.condition("MlflowReady", True, "RunCreated", f"MLflow run {mlflow['runId']}")
+    elif delegated:
+        st.condition("MlflowReady", True, "TrainerCreatesRun", delegated)
     else:
         st.condition("MlflowReady", False, "RunNotCreated", "the MLflow run is not created yet")
     return MlflowStatus.model_validate(mlflow)
 
 
 def needs_model_version(spec: LuffyRunSpec, status: dict[str, Any], job: JobView | None) -> bool:
-    """Whether to ask MLflow for the registered model version now (the run has just succeeded)."""
+    """Whether to ask MLflow for the registered model version now (the run has just succeeded, and its MLflow run is
+    the operator's). `status` is the record."""
     succeeded = status.get("phase") == "Succeeded" or (job is not None and job.complete)
-    return succeeded and _wants_model_version(spec) and not (status.get("mlflow") or {}).get("modelVersion")
+    known = (status.get("mlflow") or {}).get("modelVersion")
+    return succeeded and _wants_model_version(spec) and not known and not status.get(MLFLOW_DELEGATED)
 
 
 def _progress(spec: LuffyRunSpec, old: dict[str, Any], obs: Observed, st: StatusBuilder) -> int | None:

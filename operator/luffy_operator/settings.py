@@ -31,7 +31,7 @@ class OperatorSettings:
     mlflow_username: str = field(default="", repr=False)
     mlflow_password: str = field(default="", repr=False)
     mlflow_token: str = field(default="", repr=False)
-    # Credentials (the installation's, or a run's opted-in Secret) may go over plain http.
+    # The installation's credentials may go over plain http (to an in-cluster server behind a proxy, say).
     mlflow_allow_http: bool = False
     # NetworkPolicy egress rules (Kubernetes NetworkPolicyEgressRule objects) added for every run's pods.
     run_egress: tuple[dict[str, Any], ...] = ()

@@ -1,6 +1,6 @@
 """The reconciler's edges with a recording stand-in for the Kubernetes client: order of actions, partial failures,
-their classification and back-off, and MLflow credentials that cannot be read. (The same code runs against the
-emulator in test_operator_kopf.py.)"""
+their classification and back-off, and a run's MLflow Secret that the operator does not read. (The same code runs
+against the emulator in test_operator_kopf.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from luffy_operator.kube import ApiError, ObjectKey
 from luffy_operator.mlflow_rest import MlflowError
 from luffy_operator.settings import OperatorSettings
 from luffyrun_samples import valid_run
+from servers import free_port
 
 
 class RecordingKube:
@@ -21,6 +22,7 @@ class RecordingKube:
         self.objects = objects or {}
         self.failing = failing or set()
         self.calls: list[tuple[str, str]] = []
+        self.reads: list[str] = []
 
     def _act(self, verb: str, key: ObjectKey) -> None:
         self.calls.append((verb, f"{key.kind}/{key.name}"))
@@ -28,11 +30,8 @@ class RecordingKube:
             raise ApiError(422, f"{verb} {key}: 422 Invalid: rejected")
 
     def get(self, key: ObjectKey) -> dict[str, Any] | None:
+        self.reads.append(f"{key.kind}/{key.name}")
         return self.objects.get(f"{key.kind}/{key.name}")
-
-    def get_metadata(self, key: ObjectKey) -> dict[str, Any] | None:
-        obj = self.get(key)
-        return None if obj is None else {"metadata": obj.get("metadata") or {}}
 
     def create(self, obj: dict[str, Any]) -> bool:
         self._act("create", ObjectKey.of(obj))
@@ -88,13 +87,17 @@ def test_suspending_deletes_the_job_in_the_foreground_and_scales_the_rollout() -
     assert kube.calls == [("patch", "StatefulSet/demo-rollout"), ("delete-Foreground", "Job/demo-trainer")]
 
 
-def test_a_missing_credentials_secret_is_an_mlflow_condition() -> None:
-    kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout()})
-    mlflow = {"trackingUri": "http://mlflow:5000", "credentialsSecret": {"name": "nope"}}
-    outcome = Controller(kube, clock=lambda: "t").reconcile(body(mlflow=mlflow), full=False)
+def test_a_runs_credentials_secret_is_not_read_by_the_operator() -> None:
+    """The Secret a run names is the trainer's (secretKeyRef): the operator's MLflow call goes without it, and an
+    unreachable server is an MLflow condition, not a reason to look at the Secret."""
+    secret = {"metadata": {"name": "creds"}, "data": {"token": "czNjcmV0"}}
+    kube = RecordingKube({"StatefulSet/demo-rollout": ready_rollout(), "Secret/creds": secret})
+    mlflow = {"trackingUri": f"http://127.0.0.1:{free_port()}", "credentialsSecret": {"name": "creds"}}
+    settings = OperatorSettings(mlflow_timeout_seconds=2.0)
+    outcome = Controller(kube, settings, clock=lambda: "t").reconcile(body(mlflow=mlflow), full=False)
     cond = next(c for c in outcome.status["conditions"] if c["type"] == "MlflowReady")
-    assert (cond["status"], cond["reason"]) == ("False", "MlflowError")
-    assert "spec.mlflow.credentialsSecret" in cond["message"] and "default/nope" in cond["message"]
+    assert (cond["status"], cond["reason"]) == ("False", "MlflowUnreachable")
+    assert not [r for r in kube.reads if r.startswith("Secret/")]
     assert ("create", "Job/demo-trainer") not in kube.calls
 
 

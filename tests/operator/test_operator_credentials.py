@@ -1,27 +1,32 @@
-"""Whose MLflow credentials the operator sends where, against the kmock emulator and a fake MLflow server that records
-every request's Authorization header; and the run's control-token Secret, made once.
+"""Whose MLflow credentials the operator sends where, with the real kopf operator against the kmock emulator and fake
+MLflow servers that record every request's Authorization header; and the run's control-token Secret, made once.
 
-The operator is no deputy: a Secret a run merely names is never read or sent (only its labels are read); a labelled
-one goes over https, or http where the installation allows it; the installation's own credentials go only to the
-installation's MLflow server."""
+The operator is no deputy: it reads no Secret at all (no get, list or watch, asserted on the emulator's request log),
+so a Secret a run names reaches only the run's trainer pods (secretKeyRef). Its own calls carry the installation's
+credentials, and only to the installation's MLflow server; a server that refuses the operator (401/403) leaves
+creating the MLflow run to the trainer, which has the run's Secret."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from luffy_operator.controller import MLFLOW_CREDENTIALS_LABEL, Controller
-from luffy_operator.kube import METADATA_ONLY, KubeClient, load_api_client
+from luffy_operator.controller import Controller
+from luffy_operator.kube import KubeClient, load_api_client
+from luffy_operator.reconcile import MLFLOW_DELEGATED, RECORD_ANNOTATION
 from luffy_operator.settings import OperatorSettings
 from luffyrun_samples import valid_run
-from operator_harness import RUNS, SECRETS, Cluster, InProcessOperator, wait_for
+from operator_harness import JOBS, RUNS, SECRETS, STATEFULSETS, Cluster, InProcessOperator, wait_for
 
-BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()  # what the runs' Secrets hold
+INSTALLATION = "Bearer op-t0ken"  # the installation's token
 
 
 class FakeMlflow:
@@ -81,10 +86,17 @@ def mlflow() -> Iterator[FakeMlflow]:
     fake.close()
 
 
-def secret(name: str, labelled: bool) -> dict[str, Any]:
-    labels = {MLFLOW_CREDENTIALS_LABEL: "true"} if labelled else {}
+@pytest.fixture
+def guarded() -> Iterator[FakeMlflow]:
+    """A server that wants the runs' credentials (alice's), which the operator does not have."""
+    fake = FakeMlflow(require=BASIC)
+    yield fake
+    fake.close()
+
+
+def secret(name: str) -> dict[str, Any]:
     data = {k: base64.b64encode(v.encode()).decode() for k, v in {"username": "alice", "password": "s3cret"}.items()}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": labels}, "data": data}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}
 
 
 def run_body(name: str, **spec: Any) -> dict[str, Any]:
@@ -93,83 +105,165 @@ def run_body(name: str, **spec: Any) -> dict[str, Any]:
     return body
 
 
-def mlflow_condition(status: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in status.get("conditions") or [] if c["type"] == "MlflowReady")
+def mlflow_condition(status: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == "MlflowReady"), None)
 
 
-def secret_reads(cluster: Cluster, name: str) -> list[str]:
-    """The Accept header of every GET of Secret `name` the operator made (the tests' own client is urllib's)."""
+def secret_reads(cluster: Cluster) -> list[tuple[str, str]]:
+    """Every GET (get, list or watch) on Secrets that was not the tests' own client (urllib's): the operator's, kopf's
+    and its kubernetes client's. The emulator enforces no RBAC, so its request log is where reads would show."""
 
-    def reads(emulator: Any) -> list[str]:
-        path = f"{SECRETS}/{name}"
+    def reads(emulator: Any) -> list[tuple[str, str]]:
         return [
-            r.headers.get("Accept", "")
+            (str(r.url.path), r.headers.get("User-Agent", ""))
             for r in emulator
             if r.method.value == "GET"
-            and str(r.url.path) == path
+            and "/secrets" in str(r.url.path)
             and not r.headers.get("User-Agent", "").startswith("Python-urllib")
         ]
 
     return cluster.server.call(reads)
 
 
+def trainer_env(cluster: Cluster, name: str) -> dict[str, dict[str, Any]]:
+    job = wait_for(f"the trainer Job of {name}", lambda: cluster.api.get(f"{JOBS}/{name}-trainer"))
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e for e in container["env"]}
+
+
+def rollout_ready(cluster: Cluster, name: str) -> None:
+    path = f"{STATEFULSETS}/{name}-rollout"
+    wait_for(f"the rollout of {name}", lambda: cluster.api.get(path))
+    cluster.api.merge(f"{path}/status", {"status": {"replicas": 2, "readyReplicas": 2}})
+
+
+def condition_of(cluster: Cluster, name: str, reason: str) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        cond = mlflow_condition(cluster.status(name))
+        return cond if cond and cond["reason"] == reason else None
+
+    return wait_for(f"MlflowReady {reason} on {name}", probe)
+
+
 def controller(**settings: Any) -> Controller:
     return Controller(KubeClient(load_api_client()), OperatorSettings(**settings), clock=lambda: "t")
 
 
-def test_an_unlabelled_secret_is_never_read_or_sent(cluster: Cluster, operator: InProcessOperator) -> None:
-    """The real operator: a run names a Secret it has no right to; MLflow wants credentials and gets none."""
-    fake = FakeMlflow(require=BASIC)
+@pytest.fixture
+def installation_operator(
+    cluster: Cluster, mlflow: FakeMlflow, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcessOperator]:
+    """The real operator with installation credentials for `mlflow` (a token; http allowed, as the chart's
+    operator.mlflow.allowHttp). The handlers read their settings at import: the test sets them before kopf starts."""
+    import luffy_operator.handlers as handlers
+
+    settings = dataclasses.replace(
+        handlers.SETTINGS, mlflow_tracking_uri=mlflow.url, mlflow_token="op-t0ken", mlflow_allow_http=True
+    )
+    settings.check()
+    monkeypatch.setattr(handlers, "SETTINGS", settings)
+    with InProcessOperator(cluster) as op:
+        yield op
+    assert op.runner.exit_code == 0, op.runner.output
+
+
+def test_the_operator_reads_no_secret_and_sends_the_installations_credentials_only_to_its_server(
+    cluster: Cluster, mlflow: FakeMlflow, installation_operator: InProcessOperator
+) -> None:
+    """Two runs name Secrets the operator has no right to read: one on the installation's server, which gets the
+    installation's token; one on another server, which gets no credentials at all. Neither Secret is read, by any
+    verb; both reach their trainer pods by secretKeyRef."""
+    elsewhere = FakeMlflow()
     try:
-        cluster.api.create(SECRETS, secret("team-b-creds", labelled=False))
-        mlflow = {"trackingUri": fake.url, "credentialsSecret": {"name": "team-b-creds"}}
-        cluster.api.create(RUNS, valid_run("thief", mlflow=mlflow))
-        cond = wait_for(
-            "the MLflow condition",
-            lambda: mlflow_condition(cluster.status("thief")) if cluster.status("thief").get("conditions") else None,
-        )
-        assert (cond["status"], cond["reason"]) == ("False", "MlflowError")
-        assert "HTTP 401" in cond["message"]
-        assert f"not labelled {MLFLOW_CREDENTIALS_LABEL}=true" in cond["message"] and "team-b-creds" in cond["message"]
-        assert fake.seen and fake.headers() == {None}
-        reads = secret_reads(cluster, "team-b-creds")
-        assert reads and all(accept == METADATA_ONLY for accept in reads)  # its labels, never its values
-        assert cluster.status("thief")["reason"] == "WaitingForMlflow"
+        for name, uri in (("ours", mlflow.url), ("theirs", elsewhere.url)):
+            cluster.api.create(SECRETS, secret(f"{name}-creds"))
+            spec = {"trackingUri": uri, "credentialsSecret": {"name": f"{name}-creds"}}
+            cluster.api.create(RUNS, valid_run(name, mlflow=spec))
+        for name in ("ours", "theirs"):
+            cond = condition_of(cluster, name, "RunCreated")
+            assert cond["status"] == "True"
+            rollout_ready(cluster, name)
+            env = trainer_env(cluster, name)
+            assert env["MLFLOW_RUN_ID"]["value"] == "run-1"
+            refs = {
+                k: env[k]["valueFrom"]["secretKeyRef"] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN")
+            }
+            assert {r["name"] for r in refs.values()} == {f"{name}-creds"}
+        assert mlflow.seen and mlflow.headers() == {INSTALLATION}
+        assert elsewhere.seen and elsewhere.headers() == {None}
+        assert secret_reads(cluster) == []
     finally:
-        fake.close()
+        elsewhere.close()
 
 
-def test_a_labelled_secret_goes_over_http_only_where_the_installation_allows_it(
+def test_a_server_that_refuses_the_operator_gets_its_run_from_the_trainer(
+    cluster: Cluster, guarded: FakeMlflow, operator: InProcessOperator
+) -> None:
+    """The run's server wants credentials the operator does not have: the operator says so in MlflowReady (true,
+    TrainerCreatesRun), starts the trainer with the run's Secret by secretKeyRef and without MLFLOW_RUN_ID, and calls
+    that server no more for the run. A run naming no Secret waits, with a message saying what to name."""
+    cluster.api.create(SECRETS, secret("team-creds"))
+    spec = {"trackingUri": guarded.url, "credentialsSecret": {"name": "team-creds"}, "registeredModelName": "policy"}
+    cluster.api.create(RUNS, valid_run("delegated", mlflow=spec))
+    cond = condition_of(cluster, "delegated", "TrainerCreatesRun")
+    assert cond["status"] == "True"
+    server = guarded.url.removeprefix("http://")
+    assert f"MLflow server http://{server} refused" in cond["message"] and "HTTP 401" in cond["message"]
+    assert "team-creds" in cond["message"] and "operator.mlflow.credentialsSecret" in cond["message"]
+    record = json.loads(cluster.run("delegated")["metadata"]["annotations"][RECORD_ANNOTATION])
+    assert record[MLFLOW_DELEGATED] == cond["message"]
+    rollout_ready(cluster, "delegated")
+    env = trainer_env(cluster, "delegated")
+    assert "MLFLOW_RUN_ID" not in env  # the trainer creates the run, and keeps its id in its checkpoints
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "team-creds",
+        "key": "password",
+        "optional": True,
+    }
+    calls = len(guarded.seen)
+    time.sleep(2.0)  # four resync intervals
+    assert len(guarded.seen) == calls and guarded.headers() == {None}  # asked once, without credentials
+    assert cluster.status("delegated")["reason"] != "WaitingForMlflow"
+
+    cluster.api.create(RUNS, valid_run("nameless", mlflow={"trackingUri": guarded.url}))
+    cond = condition_of(cluster, "nameless", "MlflowError")
+    assert cond["status"] == "False" and "spec.mlflow.credentialsSecret" in cond["message"]
+    assert cluster.status("nameless")["reason"] == "WaitingForMlflow"
+    assert cluster.api.get(f"{JOBS}/nameless-trainer") is None
+    assert guarded.headers() == {None} and secret_reads(cluster) == []
+
+
+def test_the_installations_credentials_go_over_http_only_where_it_allows_it(
     cluster: Cluster, mlflow: FakeMlflow
 ) -> None:
-    cluster.api.create(SECRETS, secret("own-creds", labelled=True))
-    body = run_body("mine", mlflow={"trackingUri": mlflow.url, "credentialsSecret": {"name": "own-creds"}})
-    refused = controller().reconcile(body, full=False)
+    body = run_body("mine", mlflow={"trackingUri": mlflow.url})
+    refused = controller(mlflow_tracking_uri=mlflow.url, mlflow_token="op-t0ken").reconcile(body, full=False)
     cond = mlflow_condition(refused.status)
-    assert (cond["status"], cond["reason"]) == ("False", "MlflowError") and "https only" in cond["message"]
-    assert mlflow.seen == [] and secret_reads(cluster, "own-creds") == [METADATA_ONLY]
-    allowed = controller(mlflow_allow_http=True).reconcile(body, full=False)
-    cond = mlflow_condition(allowed.status)
-    assert (cond["status"], cond["reason"]) == ("True", "RunCreated") and "own-creds" in cond["message"]
-    assert mlflow.headers() == {BASIC}
+    assert cond is not None and (cond["status"], cond["reason"]) == ("False", "MlflowError")
+    assert "https only" in cond["message"] and mlflow.seen == []
+    allowed = controller(mlflow_tracking_uri=mlflow.url, mlflow_token="op-t0ken", mlflow_allow_http=True)
+    cond = mlflow_condition(allowed.reconcile(body, full=False).status)
+    assert cond is not None and (cond["status"], cond["reason"]) == ("True", "RunCreated")
+    assert mlflow.headers() == {INSTALLATION}
+    # Same host, another port or scheme: not the installation's server, so no credentials.
+    other_port = controller(mlflow_tracking_uri="http://127.0.0.1:1", mlflow_token="op-t0ken", mlflow_allow_http=True)
+    mlflow.seen.clear()
+    other_port.reconcile(run_body("other", mlflow={"trackingUri": mlflow.url}), full=False)
+    assert mlflow.seen and mlflow.headers() == {None}
+    assert secret_reads(cluster) == []
 
 
-def test_the_installations_credentials_go_only_to_its_own_server(cluster: Cluster, mlflow: FakeMlflow) -> None:
-    other = FakeMlflow()
-    try:
-        ours = controller(mlflow_tracking_uri=mlflow.url + "/", mlflow_token="op-t0ken", mlflow_allow_http=True)
-        ours.reconcile(run_body("a", mlflow={"trackingUri": mlflow.url}), full=False)
-        ours.reconcile(run_body("b", mlflow={"trackingUri": other.url}), full=False)
-        assert mlflow.headers() == {"Bearer op-t0ken"} and other.seen and other.headers() == {None}
-        # An unlabelled Secret changes nothing: still the installation's credentials, and the reason in the status.
-        cluster.api.create(SECRETS, secret("named", labelled=False))
-        outcome = ours.reconcile(
-            run_body("c", mlflow={"trackingUri": mlflow.url, "credentialsSecret": {"name": "named"}}), full=False
-        )
-        assert "not labelled" in mlflow_condition(outcome.status)["message"]
-        assert mlflow.headers() == {"Bearer op-t0ken"}
-    finally:
-        other.close()
+def test_a_server_that_refuses_the_installations_credentials_also_goes_to_the_trainer(
+    cluster: Cluster, guarded: FakeMlflow
+) -> None:
+    ours = controller(mlflow_tracking_uri=guarded.url, mlflow_token="op-t0ken", mlflow_allow_http=True)
+    spec = {"trackingUri": guarded.url, "credentialsSecret": {"name": "team-creds"}}
+    outcome = ours.reconcile(run_body("refused", mlflow=spec), full=False)
+    cond = mlflow_condition(outcome.status)
+    assert cond is not None and (cond["status"], cond["reason"]) == ("True", "TrainerCreatesRun")
+    assert "refused the installation's credentials (HTTP 401)" in cond["message"]
+    assert outcome.record is not None and outcome.record[MLFLOW_DELEGATED] == cond["message"]
+    assert guarded.headers() == {INSTALLATION} and secret_reads(cluster) == []
 
 
 def test_the_installations_credentials_need_their_server_and_https() -> None:
@@ -201,4 +295,4 @@ def test_the_control_secret_is_created_once_and_never_read(cluster: Cluster) -> 
     assert first["metadata"]["ownerReferences"][0]["uid"] == "uid-ctl"
     ctl.reconcile(body, full=True)  # AlreadyExists is success: the token stays
     assert cluster.api.get(f"{SECRETS}/ctl-control")["data"] == first["data"]
-    assert cluster.requests("POST", "/secrets") == 2 and secret_reads(cluster, "ctl-control") == []
+    assert cluster.requests("POST", "/secrets") == 2 and secret_reads(cluster) == []

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from luffy_operator.mlflow_rest import UID_TAG, MlflowCredentials, MlflowError, MlflowRestClient
@@ -67,6 +69,32 @@ def test_server_errors_name_the_call(mlflow_uri: str) -> None:
     with pytest.raises(MlflowError) as err:
         MlflowRestClient(mlflow_uri).mark_failed("no-such-run")
     assert "runs/update" in str(err.value) and not err.value.unreachable
+    assert err.value.http_status is not None and err.value.http_status >= 400 and not err.value.refused
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_server_that_wants_credentials_is_a_refusal(code: int) -> None:
+    """401/403 (what an authenticating proxy in front of MLflow answers) is `refused`: the controller leaves the run
+    to its trainer then, rather than retrying a call it has no credentials for."""
+
+    class Refusing(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(MlflowError) as err:
+            MlflowRestClient(f"http://127.0.0.1:{server.server_port}").ensure_run("x", "y", "z", {})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert err.value.refused and err.value.http_status == code and f"HTTP {code}" in str(err.value)
 
 
 def test_an_unreachable_server_is_a_clear_error_not_a_hang() -> None:

@@ -12,6 +12,7 @@ import yaml
 from luffy_operator.api import dump_spec, parse_spec
 from luffy_operator.reconcile import (
     ACCEPTED_SPEC_ANNOTATION,
+    MLFLOW_DELEGATED,
     RECORD_ANNOTATION,
     RECORD_FIELDS,
     JobView,
@@ -20,6 +21,7 @@ from luffy_operator.reconcile import (
     Plan,
     RolloutView,
     RunView,
+    needs_model_version,
     plan_run,
     resolve_spec,
 )
@@ -242,6 +244,35 @@ def test_unreachable_mlflow_holds_the_trainer_back_with_a_condition() -> None:
     assert started.status["mlflow"]["runId"] == "r9"
     env = {e["name"]: e.get("value") for e in started.create_job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MLFLOW_RUN_ID"] == "r9"
+
+
+def test_a_server_that_refused_the_operator_leaves_the_mlflow_run_to_the_trainer() -> None:
+    """Delegated: MlflowReady is true with the reason, the trainer starts without MLFLOW_RUN_ID (it creates the run
+    with the Secret it gets by secretKeyRef), the record remembers it, and the run finalizes without the model lookup
+    and without marking an MLflow run failed."""
+    mlflow = {
+        "trackingUri": "https://mlflow.team-b.example",
+        "credentialsSecret": {"name": "team-b-mlflow"},
+        "registeredModelName": "policy",
+    }
+    why = "MLflow server https://mlflow.team-b.example:443 refused the operator's call (HTTP 401): ..."
+    p = plan(body(mlflow=mlflow), None, READY, mlflow=MlflowView(delegated=why))
+    cond = condition(p.status, "MlflowReady")
+    assert (cond["status"], cond["reason"], cond["message"]) == ("True", "TrainerCreatesRun", why)
+    assert p.record[MLFLOW_DELEGATED] == why and "runId" not in p.status["mlflow"]
+    env = {e["name"]: e for e in p.create_job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "MLFLOW_RUN_ID" not in env
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "team-b-mlflow"
+    # Later passes observe nothing from MLflow (the controller no longer calls it): the record carries the decision.
+    later = plan(body(status=p.status, record=p.record, mlflow=mlflow), job(0, ready=1), READY)
+    assert condition(later.status, "MlflowReady")["reason"] == "TrainerCreatesRun"
+    assert later.record[MLFLOW_DELEGATED] == why and later.status["phase"] == "Running"
+    done = plan(body(status=later.status, record=later.record, mlflow=mlflow), job(0, condition="Complete"), None)
+    assert done.status["phase"] == "Succeeded" and done.status["finalized"] is True
+    assert not needs_model_version(parse_spec(body(mlflow=mlflow)["spec"]), done.record, job(0, condition="Complete"))
+    spec = {"mlflow": mlflow, "failurePolicy": {"maxRestarts": 0}}
+    failed = plan(body(status=later.status, record=later.record, **spec), job(0, condition="Failed"), READY)
+    assert failed.status["phase"] == "Failed" and failed.fail_mlflow_run is None
 
 
 def test_a_job_queued_by_kueue_is_pending() -> None:
