@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 import yaml
-from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, RENDEZVOUS_PORT, VERSION
 
 from luffy_operator.api import (
     CATEGORIES,
@@ -44,9 +44,8 @@ def _env_rules(where: str) -> list[dict[str, str]]:
     return [
         _rule(
             f"self.all(e, {_RESERVED_ENV_RULE})",
-            f"{where}: names starting with LUFFY_ or PET_, MASTER_ADDR, MASTER_PORT, HF_HOME, HOME, "
-            "VLLM_SERVER_DEV_MODE, JOB_COMPLETION_INDEX and the MLFLOW_TRACKING_*/EXPERIMENT/RUN_ID variables are "
-            "set by the operator",
+            f"{where}: names starting with {' or '.join(RESERVED_ENV_PREFIXES)} and "
+            f"{', '.join(sorted(RESERVED_ENV_NAMES))} are set by the operator",
         ),
         _rule(
             "self.all(e, !(has(e.value) && has(e.valueFrom)))",
@@ -79,6 +78,18 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "|| !has(self.data.valFiles) || size(self.data.valFiles) == 0",
             "spec.data.valFiles: mode sft starts no rollout servers to validate with; evaluate with luffy eval",
         ),
+        _rule(
+            "!has(self.rollout.maxModelLen) "
+            "|| self.rollout.maxModelLen >= self.data.maxPromptLength + self.data.maxResponseLength",
+            "spec.rollout.maxModelLen must hold spec.data.maxPromptLength + maxResponseLength",
+        ),
+        _rule(
+            "(has(self.algorithm.mode) && self.algorithm.mode == 'sft') "
+            f"|| self.trainer.weightSyncPort > {RENDEZVOUS_PORT} "
+            f"|| self.trainer.weightSyncPort + self.rollout.replicas <= {RENDEZVOUS_PORT}",
+            f"spec.trainer.weightSyncPort: the weight-sync ports (one per rollout replica) include the rendezvous "
+            f"port {RENDEZVOUS_PORT}",
+        ),
     ],
     ("spec", "algorithm"): [
         _rule(
@@ -105,11 +116,15 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
             "self.promptsPerStep % self.optimizerStepsPerBatch == 0",
             "spec.optimization.promptsPerStep must be divisible by optimizerStepsPerBatch",
         ),
+        _rule(
+            "self.warmupSteps <= self.totalSteps",
+            "spec.optimization.warmupSteps must not exceed totalSteps",
+        ),
     ],
     ("spec", "rollout"): [
         _rule(
-            "self.gpusPerReplica == 0 || self.tensorParallelSize <= self.gpusPerReplica",
-            "spec.rollout.tensorParallelSize must not exceed spec.rollout.gpusPerReplica",
+            "self.gpusPerReplica == 0 || self.gpusPerReplica % self.tensorParallelSize == 0",
+            "spec.rollout.tensorParallelSize must divide spec.rollout.gpusPerReplica",
         ),
     ],
     ("spec", "checkpoint"): [
@@ -120,8 +135,8 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ],
     ("spec", "mlflow"): [
         _rule(
-            "self.trackingUri.matches('^https?://[^/\\\\s]+')",
-            "spec.mlflow.trackingUri must be an http(s):// URL of an MLflow tracking server",
+            "!has(self.bestModelAlias) || has(self.registeredModelName)",
+            "spec.mlflow.bestModelAlias needs spec.mlflow.registeredModelName",
         ),
     ],
     ("spec", "rollout", "env"): _env_rules("spec.rollout.env"),

@@ -73,12 +73,18 @@ def test_rollout_sampling_reuses_the_trainer_fields_and_their_limits() -> None:
             RolloutSampling.model_validate(bad)
 
 
-def test_camel_and_snake_case_are_the_same_spec() -> None:
+def test_a_manifest_is_camel_case_only_and_strictly_typed() -> None:
+    """The API server prunes a snake_case key and refuses "8" for 8; the operator does the same, while the trainer's
+    own YAML configs keep accepting both spellings and YAML's lax types."""
     camel = valid_run()["spec"]
-    snake = {**camel, "failure_policy": camel["failurePolicy"], "rollout": {"replicas": 2, "gpus_per_replica": 0}}
+    snake = {**camel, "failure_policy": camel["failurePolicy"]}
     del snake["failurePolicy"]
-    assert dump_spec(parse_spec(camel)) == dump_spec(parse_spec(snake))
-    assert "gpusPerReplica" in dump_spec(parse_spec(snake))["rollout"]
+    with pytest.raises(SpecError, match="spec.failure_policy: unknown field"):
+        parse_spec(snake)
+    with pytest.raises(SpecError, match="spec.rollout.replicas"):
+        parse_spec({**camel, "rollout": {"replicas": "2", "gpusPerReplica": 0}})
+    assert RolloutConfig.model_validate({"tensor_parallel_size": 2}).tensor_parallel_size == 2
+    assert RolloutConfig.model_validate({"tensorParallelSize": "2"}).tensor_parallel_size == 2
 
 
 def test_spec_errors_list_every_problem_by_path() -> None:
