@@ -126,6 +126,8 @@ def quantity_value(value: int | str) -> Decimal:
 
 
 def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int) and value > INT64_MAX:
+        raise ValueError(f"{value} is beyond int64")
     quantity_value(value)
     return value
 
