@@ -127,7 +127,7 @@ MANAGED_FLAG = "^(--(" + "|".join(f.replace("-", "[-_]") for f in MANAGED_ROLLOU
 
 
 def _unmanaged_flag(arg: str) -> str:
-    if re.match(MANAGED_FLAG, arg):
+    if re.fullmatch(MANAGED_FLAG, arg):
         raise ValueError(f"{arg.split('=', 1)[0]} is set by the operator from the spec; use the spec field instead")
     return arg
 
@@ -612,7 +612,7 @@ def _prefixed(line: str) -> str:
 
 def check_name(name: str) -> None:
     """A run's name must fit the DNS names derived from it."""
-    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+    if len(name) > MAX_NAME_LENGTH or not re.fullmatch(NAME_PATTERN, name):
         raise SpecError(
             f"metadata.name: {name!r} must be a lowercase DNS label of at most {MAX_NAME_LENGTH} characters "
             "starting with a letter (it names the run's pods and Services)"

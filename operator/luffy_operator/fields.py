@@ -43,7 +43,7 @@ def _checked(pattern: str, what: str) -> AfterValidator:
     """A Python check of `pattern` for values where pydantic cannot apply it itself (map keys, list items)."""
 
     def check(value: str) -> str:
-        if not re.match(pattern, value):
+        if not re.fullmatch(pattern, value):
             raise ValueError(f"{value!r} is not {what}")
         return value
 
@@ -118,7 +118,7 @@ _SUFFIXES = {
 def quantity_value(value: int | str) -> Decimal:
     """The amount a quantity stands for (`1Gi` -> 1073741824), for comparing requests with limits."""
     text = str(value)
-    if not re.match(QUANTITY, text):
+    if not re.fullmatch(QUANTITY, text):
         raise ValueError(f"{value!r} is not a non-negative Kubernetes quantity (e.g. 8Gi, 500m, 2)")
     number = re.match(r"^[0-9.]+([eE][-+]?[0-9.]+)?", text)
     assert number is not None

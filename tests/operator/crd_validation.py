@@ -10,6 +10,7 @@ Kubernetes CEL libraries, server-side name validation beyond the schema.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import celpy
@@ -48,12 +49,22 @@ def apply_defaults(schema: Schema, value: Any) -> Any:
     return value
 
 
+def _re2_pattern(validator: Any, pattern: str, instance: Any, schema: Schema) -> Any:
+    """`pattern` as the API server's Go regexp reads it: `$` is the end of the text, where Python's `$` also matches
+    before a final newline (so "luffy:0.1\\n" would pass here and fail there)."""
+    if validator.is_type(instance, "string") and not re.search(re.sub(r"\$$", r"\\Z", pattern), instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Draft4Re2 = jsonschema.validators.extend(jsonschema.Draft4Validator, {"pattern": _re2_pattern})
+
+
 class CrdValidator:
     """Validates LuffyRun objects against the CRD's openAPIV3Schema and CEL rules."""
 
     def __init__(self, crd: dict[str, Any]) -> None:
         self.schema: Schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-        self.validator = jsonschema.Draft4Validator(_strict_jsonschema(self.schema))
+        self.validator = _Draft4Re2(_strict_jsonschema(self.schema))
         self.cel = celpy.Environment()
         self._programs: dict[str, Any] = {}
         self._functions = {

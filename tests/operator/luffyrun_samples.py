@@ -173,6 +173,7 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
     ("image-uppercase-repository", _set("spec.image", "Luffy/Trainer:1"), "spec.image"),
     ("image-with-flags", _set("spec.trainer.image", "luffy:0.1.0 --privileged"), "spec.trainer.image"),
     ("empty-rollout-image", _set("spec.rollout.image", ""), "spec.rollout.image"),
+    ("image-trailing-newline", _set("spec.image", "luffy:0.1.0\n"), "spec.image"),
     ("image-short-digest", _set("spec.image", "luffy@sha256:abc"), "spec.image"),
     # GPUs and lengths
     (
@@ -265,6 +266,7 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
     ("node-selector-key-with-space", _set("spec.scheduling.nodeSelector", {"gpu type": "h100"}), _NSEL),
     ("node-selector-key-too-long", _set("spec.scheduling.nodeSelector", {"k" * 64: "x"}), _NSEL),
     ("node-selector-bad-prefix", _set("spec.scheduling.nodeSelector", {"Example.COM/gpu": "x"}), _NSEL),
+    ("node-selector-key-trailing-newline", _set("spec.scheduling.nodeSelector", {"gpu\n": "x"}), _NSEL),
     ("node-selector-bad-value", _set("spec.scheduling.nodeSelector", {"gpu": "-h100"}), _NSEL + ".gpu"),
     ("queue-name-with-space", _set("spec.scheduling.queueName", "team a"), "spec.scheduling.queueName"),
     ("queue-name-underscore", _set("spec.scheduling.queueName", "team_a"), "spec.scheduling.queueName"),
