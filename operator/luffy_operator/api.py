@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from luffy_trainer import contract
 from luffy_trainer.config import (
+    INT64_MAX,
     AlgorithmConfig,
     CheckpointConfig,
     DataConfig,
@@ -25,6 +26,7 @@ from luffy_trainer.config import (
     OptimizationConfig,
     RewardConfig,
     RolloutConfig,
+    RuleError,
     TrackingConfig,
     ValidationConfig,
     format_validation_error,
@@ -254,11 +256,16 @@ class Toleration(Section):
 
     model_config = ConfigDict(
         json_schema_extra=cel_rules(
-            Cel("has(self.key) || self.operator == 'Exists'", "operator must be Exists when key is empty"),
-            Cel("self.operator != 'Exists' || !has(self.value) || self.value == ''", "operator Exists takes no value"),
+            Cel("has(self.key) || self.operator == 'Exists'", "must be Exists when key is empty", ".operator"),
+            Cel(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "must be empty with operator Exists",
+                ".value",
+            ),
             Cel(
                 "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-                "tolerationSeconds needs effect NoExecute",
+                "needs effect NoExecute",
+                ".tolerationSeconds",
             ),
         )
     )
@@ -270,17 +277,17 @@ class Toleration(Section):
         None, description="Taint effect to tolerate; empty matches all effects."
     )
     toleration_seconds: int | None = Field(
-        None, ge=-(2**63), le=2**63 - 1, description="How long a NoExecute taint is tolerated."
+        None, ge=-INT64_MAX - 1, le=INT64_MAX, description="How long a NoExecute taint is tolerated."
     )
 
     @model_validator(mode="after")
     def _kubernetes_rules(self) -> Toleration:
         if self.key is None and self.operator != "Exists":
-            raise ValueError("operator must be Exists when key is empty")
+            raise RuleError("operator", "must be Exists when key is empty")
         if self.operator == "Exists" and self.value:
-            raise ValueError("operator Exists takes no value")
+            raise RuleError("value", "must be empty with operator Exists")
         if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("tolerationSeconds needs effect NoExecute")
+            raise RuleError("toleration_seconds", "needs effect NoExecute")
         return self
 
 
@@ -295,7 +302,7 @@ class RolloutSpec(RolloutSampling):
 
     replicas: int = Field(1, ge=1, le=64, description="Number of vLLM servers. Changing it restarts the trainer.")
     gpus_per_replica: int = Field(
-        1, ge=0, le=16, description="GPUs per server (at least tensorParallelSize); 0 runs vLLM on CPU."
+        1, ge=0, le=16, description="GPUs per server (a multiple of tensorParallelSize); 0 runs vLLM on CPU."
     )
     image: ImageReference | None = Field(None, description="Image override; default spec.image.")
     resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
@@ -311,8 +318,9 @@ class RolloutSpec(RolloutSampling):
     @model_validator(mode="after")
     def _tensor_parallel_fits(self) -> RolloutSpec:
         if self.gpus_per_replica and self.gpus_per_replica % self.tensor_parallel_size:
-            raise ValueError(
-                f"tensorParallelSize ({self.tensor_parallel_size}) must divide gpusPerReplica ({self.gpus_per_replica})"
+            raise RuleError(
+                "tensor_parallel_size",
+                f"{self.tensor_parallel_size} must divide gpusPerReplica ({self.gpus_per_replica})",
             )
         return self
 
@@ -458,14 +466,14 @@ class LuffyRunSpec(Section):
             given = getattr(self, section).model_fields_set
             missing = [k for k in keys if to_snake(k) not in given]
             if missing:
-                raise ValueError(f"spec.{section}.{missing[0]} is required in a LuffyRun")
+                raise ValueError(f"spec.{section}.{missing[0]}: required in a LuffyRun")
         return self
 
     @model_validator(mode="after")
     def _consistent(self) -> LuffyRunSpec:
         shared = self.checkpoint.size is None or self.checkpoint.access_mode == "ReadWriteMany"
         if self.trainer.nodes > 1 and not shared:
-            raise ValueError("spec.checkpoint.accessMode must be ReadWriteMany when spec.trainer.nodes > 1")
+            raise ValueError("spec.checkpoint.accessMode: must be ReadWriteMany when spec.trainer.nodes > 1")
         if not self.uses_rollouts and self.data.val_files:
             raise ValueError(
                 "spec.data.valFiles: mode sft starts no rollout servers to validate with; evaluate with luffy eval"
@@ -477,7 +485,7 @@ class LuffyRunSpec(Section):
         r, d = self.rollout, self.data
         if r.max_model_len is not None and r.max_model_len < d.max_prompt_length + d.max_response_length:
             raise ValueError(
-                f"spec.rollout.maxModelLen ({r.max_model_len}) must hold spec.data.maxPromptLength + "
+                f"spec.rollout.maxModelLen: {r.max_model_len} must hold spec.data.maxPromptLength + "
                 f"maxResponseLength ({d.max_prompt_length + d.max_response_length})"
             )
         if self.uses_rollouts and contract.RENDEZVOUS_PORT in self.weight_sync_ports:
@@ -598,7 +606,7 @@ def parse_spec(spec: Any) -> LuffyRunSpec:
     try:
         return LuffyRunSpec.model_validate_json(json.dumps(spec), strict=True, by_alias=True, by_name=False)
     except ValidationError as err:
-        lines = format_validation_error(err).splitlines()[1:]
+        lines = format_validation_error(err, by_alias=True).splitlines()[1:]
         raise SpecError("invalid spec: " + "; ".join(_prefixed(line.strip()) for line in lines)) from None
 
 

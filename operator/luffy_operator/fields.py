@@ -2,7 +2,8 @@
 
 Each type is an `Annotated` declaration: its pattern, length and bounds become both the pydantic check (what the
 operator applies where no API server enforces the CRD) and the CRD's OpenAPI schema; what a schema cannot say (map
-keys, quantity comparisons, reserved values) is a `Cel` rule next to the Python check that restates it.
+keys, quantity comparisons) is a `Cel` rule next to the Python check that restates it. Values the operator itself
+owns (env names, mount paths, managed flags) are declared the same way in `api.py`, next to what they protect.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ class Cel:
 
     rule: str
     message: str
+    field_path: str | None = None  # where the API server reports a failure, relative to the node: ".operator"
 
     def __get_pydantic_json_schema__(self, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = handler(core)
-        schema.setdefault("x-kubernetes-validations", []).append({"rule": self.rule, "message": self.message})
+        schema.setdefault("x-kubernetes-validations", []).append(self.as_schema_extra())
         return schema
 
     def as_schema_extra(self) -> dict[str, Any]:
-        return {"rule": self.rule, "message": self.message}
+        out = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        return out
 
 
 def cel_rules(*rules: Cel) -> dict[str, Any]:

@@ -120,8 +120,8 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
         ),
         "spec.rollout.env",
     ),
-    ("two-checkpoint-volumes", _set("spec.checkpoint.existingClaim", "ckpt"), "spec.checkpoint.existingClaim"),
-    ("no-checkpoint-volume", _set("spec.checkpoint.size", None), "spec.checkpoint.size"),
+    ("two-checkpoint-volumes", _set("spec.checkpoint.existingClaim", "ckpt"), "spec.checkpoint"),
+    ("no-checkpoint-volume", _set("spec.checkpoint.size", None), "spec.checkpoint"),
     ("bad-quantity", _set("spec.checkpoint.size", "lots"), "spec.checkpoint.size"),
     ("multi-node-rwo", _set("spec.trainer.nodes", 2), "spec.checkpoint.accessMode"),
     ("file-tracking-uri", _set("spec.mlflow", {"trackingUri": "file:///tmp/mlruns"}), "spec.mlflow.trackingUri"),
@@ -251,16 +251,16 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
     ("extra-arg-empty", _set("spec.rollout.extraArgs", [""]), _XARGS),
     # tolerations, node selectors, names and queues as Kubernetes defines them
     ("toleration-key-with-space", _set("spec.scheduling.tolerations", [{"key": "gpu node"}]), _TOL + ".0.key"),
-    ("toleration-equal-without-key", _set("spec.scheduling.tolerations", [{"value": "x"}]), _TOL),
+    ("toleration-equal-without-key", _set("spec.scheduling.tolerations", [{"value": "x"}]), _TOL + ".0.operator"),
     (
         "toleration-exists-with-value",
         _set("spec.scheduling.tolerations", [{"key": "g", "operator": "Exists", "value": "x"}]),
-        _TOL,
+        _TOL + ".0.value",
     ),
     (
         "toleration-seconds-not-noexecute",
         _set("spec.scheduling.tolerations", [{"key": "g", "tolerationSeconds": 5}]),
-        _TOL,
+        _TOL + ".0.tolerationSeconds",
     ),
     ("toleration-bad-value", _set("spec.scheduling.tolerations", [{"key": "g", "value": "a b"}]), _TOL + ".0.value"),
     ("node-selector-key-with-space", _set("spec.scheduling.nodeSelector", {"gpu type": "h100"}), _NSEL),
@@ -324,9 +324,11 @@ def _normal(text: str) -> str:
 
 
 def names_field(text: str, field: str) -> bool:
-    """Whether an error text points at `field`: its dotted path, or its parent path and its name (any casing)."""
-    flat = _normal(text)
-    if _normal(field) in flat:
-        return True
-    parent, _, leaf = field.rpartition(".")
-    return _normal(parent) in flat and _normal(leaf) in flat
+    """Whether an error text reports a problem at `field` or below it: some `path: problem` line (the API server's,
+    or one of the operator's `; `-separated ones) has a path that is `field` or starts with it."""
+    target = _normal(field)
+    for line in re.split(r"^invalid spec: |; (?=spec\b|metadata\b)", text):
+        path = _normal(line.partition(": ")[0])
+        if path == target or path.startswith(target + "."):
+            return True
+    return False

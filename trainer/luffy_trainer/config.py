@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
-from pydantic.alias_generators import to_snake
+from pydantic.alias_generators import to_camel, to_snake
 
 from luffy_trainer.contract import WEIGHT_SYNC_PORT, Section
 
@@ -50,6 +50,15 @@ class UserError(ValueError):
 def one_line(exc: BaseException) -> str:
     """A library's (often multi-line) error message on one line, to quote inside a UserError."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class RuleError(ValueError):
+    """A cross-field rule broken by one field: the error's path ends at that field (`optimization.warmup_steps`),
+    not at the section whose validator checks the rule."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(UserError):
@@ -153,17 +162,17 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _check_group(self) -> AlgorithmConfig:
         if self.uses_rollouts and self.n_on_policy < 1:
-            raise ValueError(f"n_on_policy must be at least 1 in mode {self.mode!r}")
+            raise RuleError("n_on_policy", f"must be at least 1 in mode {self.mode!r}")
         if self.uses_traces and self.n_off_policy < 1:
-            raise ValueError(f"n_off_policy must be at least 1 in mode {self.mode!r}")
+            raise RuleError("n_off_policy", f"must be at least 1 in mode {self.mode!r}")
         if (
             self.off_policy_max_clip is not None
             and self.off_policy_min_clip is not None
             and self.off_policy_min_clip > self.off_policy_max_clip
         ):
-            raise ValueError("off_policy_min_clip must not exceed off_policy_max_clip")
+            raise RuleError("off_policy_min_clip", "must not exceed the max clip")
         if self.loss_scale == "released" and self.aggregation != "token-sum":
-            raise ValueError(f"loss_scale 'released' scales the token-sum aggregation, not {self.aggregation!r}")
+            raise RuleError("loss_scale", f"'released' scales the token-sum aggregation, not {self.aggregation!r}")
         return self
 
     # What each mode means, asked by the code instead of comparing mode names (the table in groups.py).
@@ -295,12 +304,13 @@ class OptimizationConfig(Section):
     @model_validator(mode="after")
     def _check_minibatches(self) -> OptimizationConfig:
         if self.prompts_per_step % self.optimizer_steps_per_batch:
-            raise ValueError(
-                f"prompts_per_step ({self.prompts_per_step}) must be divisible by "
-                f"optimizer_steps_per_batch ({self.optimizer_steps_per_batch})"
+            raise RuleError(
+                "prompts_per_step",
+                f"{self.prompts_per_step} must be divisible by the optimizer steps per batch "
+                f"({self.optimizer_steps_per_batch})",
             )
         if self.warmup_steps > self.total_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed total_steps ({self.total_steps})")
+            raise RuleError("warmup_steps", f"{self.warmup_steps} must not exceed the total steps ({self.total_steps})")
         return self
 
 
@@ -347,7 +357,7 @@ class TrackingConfig(TrackingServerConfig):
     @model_validator(mode="after")
     def _check_best_model(self) -> TrackingConfig:
         if self.best_model_alias is not None and self.registered_model_name is None:
-            raise ValueError("best_model_alias needs registered_model_name (the model the alias points into)")
+            raise RuleError("best_model_alias", "needs a registered model name (the model the alias points into)")
         return self
 
 
@@ -395,12 +405,17 @@ class TrainConfig(Section):
         return a.n_on_policy + (a.n_off_policy if a.uses_traces_in_group else 0)
 
 
-def format_validation_error(err: ValidationError, source: str | None = None) -> str:
-    """One line per problem, each starting with the field's full dotted path (list indices included)."""
+def format_validation_error(err: ValidationError, source: str | None = None, by_alias: bool = False) -> str:
+    """One line per problem, each starting with the field's full dotted path (list indices included; camelCase
+    field names of cross-field rules with `by_alias`, as a manifest spells them)."""
     where = f" in {source}" if source else ""
     lines = [f"invalid configuration{where}:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = list(e["loc"])
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, RuleError):
+            loc.append(to_camel(cause.field) if by_alias else cause.field)
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
