@@ -111,7 +111,8 @@ MODEL_CACHE_MOUNT = "/models"
 OPERATOR_MOUNTS = (CONFIG_DIR, CHECKPOINT_MOUNT, MODEL_CACHE_MOUNT, "/tmp", "/dev/shm")
 
 # `vllm serve` flags the operator or `luffy serve-rollout` sets (superset of serve.RESERVED_VLLM_ARGS); an extra
-# argument repeating one would silently override it. vLLM reads `_` and `-` alike in flag names.
+# argument repeating one would silently override it (`--trust-remote-code` would bypass model.trustRemoteCode).
+# vLLM reads `_` and `-` alike in flag names, and `--no-<flag>` for a boolean one.
 MANAGED_ROLLOUT_FLAGS = (
     "model",
     "host",
@@ -124,8 +125,10 @@ MANAGED_ROLLOUT_FLAGS = (
     "gpu-memory-utilization",
     "logprobs-mode",
     "max-logprobs",
+    "enforce-eager",
+    "trust-remote-code",
 )
-MANAGED_FLAG = "^(--(" + "|".join(f.replace("-", "[-_]") for f in MANAGED_ROLLOUT_FLAGS) + ")|-tp)(=.*)?$"
+MANAGED_FLAG = "^(--(no[-_])?(" + "|".join(f.replace("-", "[-_]") for f in MANAGED_ROLLOUT_FLAGS) + ")|-tp)(=.*)?$"
 
 
 def _unmanaged_flag(arg: str) -> str:

@@ -248,6 +248,8 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
     ("extra-arg-underscored", _set("spec.rollout.extraArgs", ["--tensor_parallel_size=2"]), _XARGS),
     ("extra-arg-short-tp", _set("spec.rollout.extraArgs", ["-tp", "2"]), _XARGS),
     ("extra-arg-served-name", _set("spec.rollout.extraArgs", ["--served-model-name=other"]), _XARGS),
+    ("extra-arg-trust-remote-code", _set("spec.rollout.extraArgs", ["--trust-remote-code"]), _XARGS),
+    ("extra-arg-no-enforce-eager", _set("spec.rollout.extraArgs", ["--no-enforce-eager"]), _XARGS),
     ("extra-arg-empty", _set("spec.rollout.extraArgs", [""]), _XARGS),
     # tolerations, node selectors, names and queues as Kubernetes defines them
     ("toleration-key-with-space", _set("spec.scheduling.tolerations", [{"key": "gpu node"}]), _TOL + ".0.key"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
@@ -234,3 +235,16 @@ def test_managed_rollout_flags_cover_what_serve_rollout_reserves() -> None:
     from luffy_trainer.rollout.serve import RESERVED_VLLM_ARGS
 
     assert {a.removeprefix("--") for a in RESERVED_VLLM_ARGS} <= set(MANAGED_ROLLOUT_FLAGS)
+
+
+def test_every_cel_rule_compiles(crd: dict[str, Any]) -> None:
+    """Also the rules no corpus case reaches; a fieldPath must name a field of the node it sits on."""
+    env = celpy.Environment()
+    for path, node in _nodes(schema_of(crd)):
+        for rule in node.get("x-kubernetes-validations", []):
+            env.compile(rule["rule"])
+            if "fieldPath" in rule:
+                target = node
+                for key in rule["fieldPath"].strip(".").split("."):
+                    target = target["properties"][key]
+                assert target, (path, rule)
