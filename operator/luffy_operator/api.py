@@ -607,7 +607,11 @@ def parse_spec(spec: Any) -> LuffyRunSpec:
     if not isinstance(spec, dict):
         raise SpecError("spec: must be a mapping")
     try:
-        return LuffyRunSpec.model_validate_json(json.dumps(spec), strict=True, by_alias=True, by_name=False)
+        text = json.dumps(spec, allow_nan=False)
+    except ValueError:  # the API server cannot even decode such a body
+        raise SpecError("spec: numbers must be finite (NaN and Infinity are not JSON)") from None
+    try:
+        return LuffyRunSpec.model_validate_json(text, strict=True, by_alias=True, by_name=False)
     except ValidationError as err:
         lines = format_validation_error(err, by_alias=True).splitlines()[1:]
         raise SpecError("invalid spec: " + "; ".join(_prefixed(line.strip()) for line in lines)) from None

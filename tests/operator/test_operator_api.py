@@ -85,6 +85,8 @@ def test_a_manifest_is_camel_case_only_and_strictly_typed() -> None:
         parse_spec(snake)
     with pytest.raises(SpecError, match=r"spec\.rollout\.replicas"):
         parse_spec({**camel, "rollout": {"replicas": "2", "gpusPerReplica": 0}})
+    with pytest.raises(SpecError, match="finite"):
+        parse_spec({**camel, "optimization": {"lr": float("inf")}})
     assert RolloutConfig.model_validate({"tensor_parallel_size": 2}).tensor_parallel_size == 2
     assert RolloutConfig.model_validate({"tensorParallelSize": "2"}).tensor_parallel_size == 2
 
