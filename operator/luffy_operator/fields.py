@@ -45,7 +45,8 @@ def cel_rules(*rules: Cel) -> dict[str, Any]:
 
 
 def _checked(pattern: str, what: str) -> AfterValidator:
-    """A Python check of `pattern` for values where pydantic cannot apply it itself (map keys, list items)."""
+    """A Python check of `pattern` for map keys: as a pydantic `pattern` it would become `propertyNames`, which a
+    structural schema may not have (the CEL twin is `qualified_keys`)."""
 
     def check(value: str) -> str:
         if not re.fullmatch(pattern, value):
@@ -57,7 +58,6 @@ def _checked(pattern: str, what: str) -> AfterValidator:
 
 # --- names ------------------------------------------------------------------------------------------------------------
 
-DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # A qualified name (label key, annotation key, resource name): an optional DNS-subdomain prefix and `/`, then a name
 # of at most 63 alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
