@@ -68,11 +68,15 @@ def test_bounds_and_enums():
 
 
 def test_cross_field_rules():
-    assert "n_off_policy must be at least 1" in _error({"algorithm": {"mode": "luffy", "n_off_policy": 0}})
+    assert "algorithm.n_off_policy: Value error, must be at least 1" in _error({"algorithm": {"n_off_policy": 0}})
     assert "divisible" in _error({"optimization": {"prompts_per_step": 5, "optimizer_steps_per_batch": 2}})
-    assert "must not exceed" in _error({"algorithm": {"off_policy_min_clip": 0.9, "off_policy_max_clip": 0.5}})
+    clips = {"off_policy_min_clip": 0.9, "off_policy_max_clip": 0.5}
+    assert "algorithm.off_policy_min_clip: Value error, must not exceed" in _error({"algorithm": clips})
     msg = _error({"algorithm": {"lossScale": "released", "aggregation": "token-mean"}})
-    assert "algorithm" in msg and "loss_scale 'released' scales the token-sum aggregation" in msg
+    assert "algorithm.loss_scale: Value error, 'released' scales the token-sum aggregation" in msg
+    warmup = {"warmup_steps": 11, "total_steps": 10}
+    assert "optimization.warmup_steps: Value error, 11 must not exceed" in _error({"optimization": warmup})
+    assert "tracking.best_model_alias" in _error({"tracking": {"best_model_alias": "best"}})
     assert "algorithm.loss_scale" in _error({"algorithm": {"loss_scale": "paper"}})
     # grpo does not use traces, so zero off-policy samples is fine there
     assert parse_config({"algorithm": {"mode": "grpo", "n_off_policy": 0}}).group_size == 7

@@ -11,12 +11,14 @@ enforces that with CEL rules and the operator refuses such changes with a condit
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from luffy_trainer import contract
 from luffy_trainer.config import (
+    INT64_MAX,
     AlgorithmConfig,
     CheckpointConfig,
     DataConfig,
@@ -24,13 +26,41 @@ from luffy_trainer.config import (
     OptimizationConfig,
     RewardConfig,
     RolloutConfig,
+    RuleError,
     TrackingConfig,
     ValidationConfig,
     format_validation_error,
 )
 from luffy_trainer.contract import API_VERSION, KIND, ProgressStatus, Section
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, field_validator, model_validator
-from pydantic.json_schema import WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_snake
+
+from luffy_operator.fields import (
+    REQUESTS_WITHIN_LIMITS,
+    Cel,
+    ConfigKey,
+    EnvName,
+    HttpUrl,
+    ImageReference,
+    K8sName,
+    LabelMap,
+    LabelValue,
+    QualifiedName,
+    Quantity,
+    QueueName,
+    ResourceMap,
+    cel_rules,
+    requests_within_limits,
+)
 
 SINGULAR = "luffyrun"
 SHORT_NAMES = ["lr"]
@@ -52,7 +82,6 @@ MUTABLE_PATHS: tuple[tuple[str, ...], ...] = (
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "model": ("path",),
     "data": ("trainFiles",),
-    "mlflow": ("trackingUri",),
 }
 
 # Environment variables the operator sets itself; a user's `env` may not override them.
@@ -70,36 +99,75 @@ RESERVED_ENV_NAMES = frozenset(
         contract.ENV_MLFLOW_USERNAME,
         contract.ENV_MLFLOW_PASSWORD,
         contract.ENV_MLFLOW_TOKEN,
+        "PYTHONUNBUFFERED",
     }
 )
 RESERVED_ENV_PREFIXES = ("LUFFY_", "PET_")
 
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# Where the operator mounts its own volumes in every pod; a data volume may not go over, under or onto them.
+CONFIG_DIR = "/etc/luffy"
+CHECKPOINT_MOUNT = "/checkpoints"
+MODEL_CACHE_MOUNT = "/models"
+OPERATOR_MOUNTS = (CONFIG_DIR, CHECKPOINT_MOUNT, MODEL_CACHE_MOUNT, "/tmp", "/dev/shm", contract.CONTROL_TOKEN_DIR)
+
+# `vllm serve` flags the operator or `luffy serve-rollout` sets (superset of serve.RESERVED_VLLM_ARGS); an extra
+# argument repeating one would silently override it (`--trust-remote-code` would bypass model.trustRemoteCode).
+# vLLM reads `_` and `-` alike in flag names, and `--no-<flag>` for a boolean one.
+MANAGED_ROLLOUT_FLAGS = (
+    "model",
+    "host",
+    "port",
+    "served-model-name",
+    "worker-extension-cls",
+    "dtype",
+    "max-model-len",
+    "tensor-parallel-size",
+    "gpu-memory-utilization",
+    "logprobs-mode",
+    "max-logprobs",
+    "enforce-eager",
+    "trust-remote-code",
+    "api-key",  # serve-rollout gives vLLM the run's control token as its API key
 )
-K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+MANAGED_FLAG = "^(--(no[-_])?(" + "|".join(f.replace("-", "[-_]") for f in MANAGED_ROLLOUT_FLAGS) + ")|-tp)(=.*)?$"
 
 
-def _check_quantity(value: int | str) -> int | str:
-    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8Gi, 500m, 2)")
-    return value
+def _unmanaged_flag(arg: str) -> str:
+    if re.fullmatch(MANAGED_FLAG, arg):
+        raise ValueError(f"{arg.split('=', 1)[0]} is set by the operator from the spec; use the spec field instead")
+    return arg
 
 
-# A Kubernetes resource quantity: an integer or a string such as "8Gi"; the CRD marks it int-or-string.
-Quantity = Annotated[
-    int | str,
-    AfterValidator(_check_quantity),
-    WithJsonSchema(
-        {
-            "x-kubernetes-int-or-string": True,
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": QUANTITY_PATTERN,
-        }
-    ),
+ExtraArg = Annotated[
+    str,
+    Field(min_length=1, max_length=1024),
+    AfterValidator(_unmanaged_flag),
+    Cel(f"!self.matches({MANAGED_FLAG!r})", "overrides a flag the operator sets from the spec"),
 ]
-K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=K8S_NAME_PATTERN)]
+
+
+def _own_mount(path: str) -> str:
+    if ".." in path.split("/"):
+        raise ValueError(f"{path!r} must be an absolute path without '..'")
+    for owned in OPERATOR_MOUNTS:
+        if path == owned or path.startswith(owned + "/") or owned.startswith(path + "/"):
+            raise ValueError(f"{path!r} overlaps {owned}, which the operator mounts")
+    return path
+
+
+def _mount_rule() -> Cel:
+    overlaps = " || ".join(
+        f"self == '{m}' || self.startsWith('{m}/') || '{m}'.startsWith(self + '/')" for m in OPERATOR_MOUNTS
+    )
+    return Cel(
+        f"!(self.contains('/../') || self.endsWith('/..') || {overlaps})",
+        f"must be an absolute path without '..' that does not overlap {', '.join(OPERATOR_MOUNTS)}",
+    )
+
+
+MountPath = Annotated[
+    str, Field(min_length=2, max_length=253, pattern=r"^/[^:\s]*[^/:\s]$"), AfterValidator(_own_mount), _mount_rule()
+]
 
 
 class SpecError(ValueError):
@@ -134,15 +202,22 @@ CheckpointSchedule = derived_section(
 class ResourceRequirements(Section):
     """CPU, memory and other resources of one container (GPUs are set by the GPU count fields, not here)."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources, e.g. cpu: 8.")
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources, e.g. memory: 64Gi.")
+    model_config = ConfigDict(json_schema_extra=cel_rules(REQUESTS_WITHIN_LIMITS))
+
+    requests: ResourceMap = Field(default_factory=dict, description="Minimum resources, e.g. cpu: 8.")
+    limits: ResourceMap = Field(default_factory=dict, description="Maximum resources, e.g. memory: 64Gi.")
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourceRequirements:
+        requests_within_limits(self.requests, self.limits)
+        return self
 
 
 class KeyReference(Section):
     """One key of a Secret or ConfigMap in the run's namespace."""
 
     name: K8sName = Field(description="Name of the Secret or ConfigMap.")
-    key: str = Field(min_length=1, max_length=253, description="Key inside it.")
+    key: ConfigKey = Field(description="Key inside it.")
     optional: bool = Field(False, description="Start the pod even if the key is missing.")
 
 
@@ -162,7 +237,7 @@ class EnvVarSource(Section):
 class EnvVar(Section):
     """An extra environment variable of the run's containers (e.g. HF_TOKEN from a Secret, NCCL settings)."""
 
-    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
+    name: EnvName = Field(description="Variable name.")
     value: str | None = Field(None, max_length=32768, description="Literal value.")
     value_from: EnvVarSource | None = Field(None, description="Value read from a Secret or ConfigMap key.")
 
@@ -183,13 +258,41 @@ class EnvVar(Section):
 class Toleration(Section):
     """A Kubernetes toleration, e.g. for the taint on GPU nodes."""
 
-    key: str | None = Field(None, max_length=316, description="Taint key; empty with operator Exists matches all.")
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            Cel("has(self.key) || self.operator == 'Exists'", "must be Exists when key is empty", ".operator"),
+            Cel(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "must be empty with operator Exists",
+                ".value",
+            ),
+            Cel(
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "needs effect NoExecute",
+                ".tolerationSeconds",
+            ),
+        )
+    )
+
+    key: QualifiedName | None = Field(None, description="Taint key; empty with operator Exists matches all.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="How the value is compared.")
-    value: str | None = Field(None, max_length=63, description="Taint value (operator Equal).")
+    value: LabelValue | None = Field(None, description="Taint value (operator Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; empty matches all effects."
     )
-    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: int | None = Field(
+        None, ge=-INT64_MAX - 1, le=INT64_MAX, description="How long a NoExecute taint is tolerated."
+    )
+
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> Toleration:
+        if self.key is None and self.operator != "Exists":
+            raise RuleError("operator", "must be Exists when key is empty")
+        if self.operator == "Exists" and self.value:
+            raise RuleError("value", "must be empty with operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise RuleError("toleration_seconds", "needs effect NoExecute")
+        return self
 
 
 EnvList = Annotated[list[EnvVar], Field(max_length=64)]
@@ -223,16 +326,16 @@ class RolloutSpec(RolloutSampling):
 
     replicas: int = Field(1, ge=1, le=64, description="Number of vLLM servers. Changing it restarts the trainer.")
     gpus_per_replica: int = Field(
-        1, ge=0, le=16, description="GPUs per server (at least tensorParallelSize); 0 runs vLLM on CPU."
+        1, ge=0, le=16, description="GPUs per server (a multiple of tensorParallelSize); 0 runs vLLM on CPU."
     )
-    image: str | None = Field(None, min_length=1, max_length=512, description="Image override; default spec.image.")
+    image: ImageReference | None = Field(None, description="Image override; default spec.image.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description=RESOURCES_DOC.format(_describe(ROLLOUT_RESOURCE_DEFAULTS))
     )
     env: EnvList = Field(default_factory=list, description="Extra environment variables.")
     shm_size_limit: Quantity = Field("8Gi", description="Size limit of the memory-backed /dev/shm.")
     tmp_size_limit: Quantity = Field("16Gi", description=TMP_DOC)
-    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+    extra_args: list[ExtraArg] = Field(
         default_factory=list, max_length=64, description="Extra `vllm serve` arguments, passed after `--`."
     )
     startup_timeout_seconds: int = Field(
@@ -241,9 +344,10 @@ class RolloutSpec(RolloutSampling):
 
     @model_validator(mode="after")
     def _tensor_parallel_fits(self) -> RolloutSpec:
-        if self.gpus_per_replica and self.tensor_parallel_size > self.gpus_per_replica:
-            raise ValueError(
-                f"tensorParallelSize ({self.tensor_parallel_size}) exceeds gpusPerReplica ({self.gpus_per_replica})"
+        if self.gpus_per_replica and self.gpus_per_replica % self.tensor_parallel_size:
+            raise RuleError(
+                "tensor_parallel_size",
+                f"{self.tensor_parallel_size} must divide gpusPerReplica ({self.gpus_per_replica})",
             )
         return self
 
@@ -253,7 +357,7 @@ class TrainerSpec(Section):
 
     nodes: int = Field(1, ge=1, le=64, description="Trainer pods (torchrun nodes).")
     gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs (torchrun processes) per pod; 0 trains on CPU.")
-    image: str | None = Field(None, min_length=1, max_length=512, description="Image override; default spec.image.")
+    image: ImageReference | None = Field(None, description="Image override; default spec.image.")
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description=RESOURCES_DOC.format(_describe(TRAINER_RESOURCE_DEFAULTS))
     )
@@ -274,7 +378,7 @@ class CheckpointSpec(CheckpointSchedule):
 
     existing_claim: K8sName | None = Field(None, description="Use this PVC instead of creating one.")
     size: Quantity | None = Field(None, description="Size of the PVC the operator creates, e.g. 500Gi.")
-    storage_class_name: str | None = Field(None, max_length=253, description="StorageClass of the new PVC.")
+    storage_class_name: K8sName | None = Field(None, description="StorageClass of the new PVC.")
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = Field(
         "ReadWriteOnce", description="Access mode of the new PVC; several trainer nodes need ReadWriteMany."
     )
@@ -297,15 +401,18 @@ class SecretReference(Section):
     """MLflow credentials in a Secret of the run's namespace; keys that are missing are skipped."""
 
     name: K8sName = Field(description="Secret name.")
-    username_key: str = Field("username", max_length=253, description="Key of MLFLOW_TRACKING_USERNAME.")
-    password_key: str = Field("password", max_length=253, description="Key of MLFLOW_TRACKING_PASSWORD.")
-    token_key: str = Field("token", max_length=253, description="Key of MLFLOW_TRACKING_TOKEN.")
+    username_key: ConfigKey = Field("username", description="Key of MLFLOW_TRACKING_USERNAME.")
+    password_key: ConfigKey = Field("password", description="Key of MLFLOW_TRACKING_PASSWORD.")
+    token_key: ConfigKey = Field("token", description="Key of MLFLOW_TRACKING_TOKEN.")
 
 
 class MlflowSpec(TrackingConfig):
     """MLflow tracking. The operator creates the run, so every trainer restart continues the same one; where the
     server refuses the operator (401/403), the trainer creates it and keeps its id in the checkpoints."""
 
+    tracking_uri: HttpUrl = Field(
+        description="http(s) URL of the MLflow tracking server: host, optional port and path, no credentials."
+    )
     credentials_secret: SecretReference | None = Field(
         None,
         description=(
@@ -314,13 +421,6 @@ class MlflowSpec(TrackingConfig):
             "its own MLflow calls use the installation's credentials, sent only to the installation's server."
         ),
     )
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _http(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http(s):// URL of an MLflow tracking server")
-        return value
 
 
 class FailurePolicy(Section):
@@ -345,15 +445,13 @@ class CleanupPolicy(Section):
 class SchedulingSpec(Section):
     """Where the run's pods go: node selection, taints, priority and the Kueue queue."""
 
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
-        default_factory=dict, description="Node labels every pod requires."
-    )
+    node_selector: LabelMap = Field(default_factory=dict, description="Node labels every pod requires.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerated taints.")
-    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
-    queue_name: str | None = Field(
-        None, max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."
+    priority_class_name: K8sName | None = Field(None, description="PriorityClass of the pods.")
+    queue_name: QueueName | None = Field(
+        None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."
     )
-    gpu_resource_name: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU.")
+    gpu_resource_name: QualifiedName = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
 
 
 class ModelCacheSpec(Section):
@@ -371,14 +469,14 @@ class DataVolumeSpec(Section):
     several nodes need a ReadOnlyMany or ReadWriteMany volume)."""
 
     claim_name: K8sName = Field(description="PVC name.")
-    mount_path: str = Field("/data", max_length=253, pattern=r"^/[^:]*$", description="Where it is mounted.")
+    mount_path: MountPath = Field("/data", description="Where it is mounted (not over the operator's own mounts).")
     read_only: bool = Field(True, description="Mount read-only.")
 
 
 class LuffyRunSpec(Section):
     """The desired LUFFY training run."""
 
-    image: str = Field(min_length=1, max_length=512, description="Container image with luffy (trainer and vLLM).")
+    image: ImageReference = Field(description="Container image with luffy (trainer and vLLM).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy.")
     image_pull_secrets: list[K8sName] = Field(default_factory=list, max_length=16, description="Pull Secrets.")
     suspend: bool = Field(
@@ -400,23 +498,22 @@ class LuffyRunSpec(Section):
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
     data_volume: DataVolumeSpec | None = Field(None, description="Existing PVC with training data or model weights.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _required_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for section, keys in REQUIRED_FIELDS.items():
-                value = _by_either_name(data, section)
-                if isinstance(value, dict):
-                    missing = [k for k in keys if _by_either_name(value, k) is None]
-                    if missing:
-                        raise ValueError(f"spec.{section}.{missing[0]} is required in a LuffyRun")
-        return data
+    @model_validator(mode="after")
+    def _required_fields(self) -> LuffyRunSpec:
+        # After validation, not before: a before-validator would make pydantic re-read the JSON input as Python
+        # objects, where strict mode refuses a JSON array for a tuple (optimization.betas).
+        for section, keys in REQUIRED_FIELDS.items():
+            given = getattr(self, section).model_fields_set
+            missing = [k for k in keys if to_snake(k) not in given]
+            if missing:
+                raise ValueError(f"spec.{section}.{missing[0]}: required in a LuffyRun")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> LuffyRunSpec:
         shared = self.checkpoint.size is None or self.checkpoint.access_mode == "ReadWriteMany"
         if self.trainer.nodes > 1 and not shared:
-            raise ValueError("spec.checkpoint.accessMode must be ReadWriteMany when spec.trainer.nodes > 1")
+            raise ValueError("spec.checkpoint.accessMode: must be ReadWriteMany when spec.trainer.nodes > 1")
         if not self.uses_rollouts and self.data.val_files:
             raise ValueError(
                 "spec.data.valFiles: mode sft starts no rollout servers to validate with; evaluate with luffy eval"
@@ -425,7 +522,23 @@ class LuffyRunSpec(Section):
         for component, count in (("trainer", "gpusPerNode"), ("rollout", "gpusPerReplica")):
             if gpu in getattr(self, component).resources.limits | getattr(self, component).resources.requests:
                 raise ValueError(f"spec.{component}.resources: set GPUs with spec.{component}.{count}, not as {gpu}")
+        r, d = self.rollout, self.data
+        if r.max_model_len is not None and r.max_model_len < d.max_prompt_length + d.max_response_length:
+            raise ValueError(
+                f"spec.rollout.maxModelLen: {r.max_model_len} must hold spec.data.maxPromptLength + "
+                f"maxResponseLength ({d.max_prompt_length + d.max_response_length})"
+            )
+        if self.uses_rollouts and contract.RENDEZVOUS_PORT in self.weight_sync_ports:
+            raise ValueError(
+                f"spec.trainer.weightSyncPort: ports {self.weight_sync_ports[0]}-{self.weight_sync_ports[-1]} "
+                f"(one per rollout replica) include the rendezvous port {contract.RENDEZVOUS_PORT}"
+            )
         return self
+
+    @property
+    def weight_sync_ports(self) -> list[int]:
+        """Ports trainer rank 0 listens on for weight sync, one per rollout replica."""
+        return contract.weight_sync_ports(self.trainer.weight_sync_port, self.rollout.replicas)
 
     @property
     def uses_rollouts(self) -> bool:
@@ -439,13 +552,6 @@ class LuffyRunSpec(Section):
     @property
     def trainer_image(self) -> str:
         return self.trainer.image or self.image
-
-
-def _by_either_name(data: dict[str, Any], camel: str) -> Any:
-    """A key of raw input given in camelCase or snake_case (the models accept both)."""
-    if camel in data:
-        return data[camel]
-    return data.get(re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower())
 
 
 # --- status ---------------------------------------------------------------------------------------------------------
@@ -539,13 +645,19 @@ class LuffyRun(BaseModel):
 
 
 def parse_spec(spec: Any) -> LuffyRunSpec:
-    """Validate a raw spec, raising SpecError with one `spec.<path>: problem` line per error."""
+    """Validate a raw spec as the API server reads a manifest, raising SpecError with one `spec.<path>: problem` line
+    per error: JSON types without coercion (no "8" for 8, no "true" for true) and camelCase keys only (the API server
+    would prune a snake_case key and the run would silently get the default)."""
     if not isinstance(spec, dict):
         raise SpecError("spec: must be a mapping")
     try:
-        return LuffyRunSpec.model_validate(spec)
+        text = json.dumps(spec, allow_nan=False)
+    except ValueError:  # the API server cannot even decode such a body
+        raise SpecError("spec: numbers must be finite (NaN and Infinity are not JSON)") from None
+    try:
+        return LuffyRunSpec.model_validate_json(text, strict=True, by_alias=True, by_name=False)
     except ValidationError as err:
-        lines = format_validation_error(err).splitlines()[1:]
+        lines = format_validation_error(err, by_alias=True).splitlines()[1:]
         raise SpecError("invalid spec: " + "; ".join(_prefixed(line.strip()) for line in lines)) from None
 
 
@@ -554,17 +666,12 @@ def _prefixed(line: str) -> str:
     problem = problem.removeprefix("Value error, ")
     if path == "(top level)":
         return problem if problem.startswith("spec.") else f"spec: {problem}"
-    return f"spec.{_camel_path(path)}{sep}{problem}"
-
-
-def _camel_path(path: str) -> str:
-    """`rollout.gpus_per_replica` -> `rollout.gpusPerReplica` (pydantic reports field names, users write aliases)."""
-    return ".".join(re.sub(r"_([a-z])", lambda m: m.group(1).upper(), part) for part in path.split("."))
+    return f"spec.{path}{sep}{problem}"
 
 
 def check_name(name: str) -> None:
     """A run's name must fit the DNS names derived from it."""
-    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+    if len(name) > MAX_NAME_LENGTH or not re.fullmatch(NAME_PATTERN, name):
         raise SpecError(
             f"metadata.name: {name!r} must be a lowercase DNS label of at most {MAX_NAME_LENGTH} characters "
             "starting with a letter (it names the run's pods and Services)"

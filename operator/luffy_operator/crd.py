@@ -12,7 +12,7 @@ import copy
 from typing import Any
 
 import yaml
-from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from luffy_trainer.contract import API_VERSION, GROUP, KIND, PLURAL, RENDEZVOUS_PORT, VERSION
 
 from luffy_operator.api import (
     CATEGORIES,
@@ -24,6 +24,7 @@ from luffy_operator.api import (
     SINGULAR,
     LuffyRun,
 )
+from luffy_operator.fields import Cel
 
 Schema = dict[str, Any]
 
@@ -33,20 +34,16 @@ _RESERVED_ENV_RULE = " && ".join(
 )
 
 
-def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    out = {"rule": rule, "message": message}
-    if field_path:
-        out["fieldPath"] = field_path
-    return out
+def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
+    return Cel(rule, message, field_path).as_schema_extra()
 
 
 def _env_rules(where: str) -> list[dict[str, str]]:
     return [
         _rule(
             f"self.all(e, {_RESERVED_ENV_RULE})",
-            f"{where}: names starting with LUFFY_ or PET_, MASTER_ADDR, MASTER_PORT, HF_HOME, HOME, "
-            "VLLM_SERVER_DEV_MODE, JOB_COMPLETION_INDEX and the MLFLOW_TRACKING_*/EXPERIMENT/RUN_ID variables are "
-            "set by the operator",
+            f"{where}: names starting with {' or '.join(RESERVED_ENV_PREFIXES)} and "
+            f"{', '.join(sorted(RESERVED_ENV_NAMES))} are set by the operator",
         ),
         _rule(
             "self.all(e, !(has(e.value) && has(e.valueFrom)))",
@@ -59,7 +56,8 @@ def _no_gpu_in_resources(component: str, count_field: str) -> dict[str, str]:
     res, gpu = f"self.{component}.resources", "self.scheduling.gpuResourceName"
     return _rule(
         f"(!has({res}.limits) || !({gpu} in {res}.limits)) && (!has({res}.requests) || !({gpu} in {res}.requests))",
-        f"spec.{component}.resources: set GPUs with spec.{component}.{count_field}, not as a resource",
+        f"set GPUs with spec.{component}.{count_field}, not as a resource",
+        f".{component}.resources",
     )
 
 
@@ -70,46 +68,68 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
         _rule(
             "self.trainer.nodes == 1 || has(self.checkpoint.existingClaim) "
             "|| self.checkpoint.accessMode == 'ReadWriteMany'",
-            "spec.checkpoint.accessMode must be ReadWriteMany when spec.trainer.nodes > 1",
+            "must be ReadWriteMany when spec.trainer.nodes > 1",
+            ".checkpoint.accessMode",
         ),
         _no_gpu_in_resources("trainer", "gpusPerNode"),
         _no_gpu_in_resources("rollout", "gpusPerReplica"),
         _rule(
             "!has(self.algorithm) || !has(self.algorithm.mode) || self.algorithm.mode != 'sft' "
             "|| !has(self.data.valFiles) || size(self.data.valFiles) == 0",
-            "spec.data.valFiles: mode sft starts no rollout servers to validate with; evaluate with luffy eval",
+            "mode sft starts no rollout servers to validate with; evaluate with luffy eval",
+            ".data.valFiles",
+        ),
+        _rule(
+            "!has(self.rollout.maxModelLen) "
+            "|| self.rollout.maxModelLen >= self.data.maxPromptLength + self.data.maxResponseLength",
+            "must hold spec.data.maxPromptLength + maxResponseLength",
+            ".rollout.maxModelLen",
+        ),
+        _rule(
+            "(has(self.algorithm.mode) && self.algorithm.mode == 'sft') "
+            f"|| self.trainer.weightSyncPort > {RENDEZVOUS_PORT} "
+            f"|| self.trainer.weightSyncPort + self.rollout.replicas <= {RENDEZVOUS_PORT}",
+            f"the weight-sync ports (one per rollout replica) include the rendezvous port {RENDEZVOUS_PORT}",
+            ".trainer.weightSyncPort",
         ),
     ],
     ("spec", "algorithm"): [
         _rule(
             "!(self.mode in ['luffy', 'grpo', 'rl_sft_loss']) || self.nOnPolicy >= 1",
-            "spec.algorithm.nOnPolicy must be at least 1 in modes luffy, grpo and rl_sft_loss",
+            "must be at least 1 in modes luffy, grpo and rl_sft_loss",
+            ".nOnPolicy",
         ),
         _rule(
             "!(self.mode in ['luffy', 'sft', 'rl_sft_loss']) || self.nOffPolicy >= 1",
-            "spec.algorithm.nOffPolicy must be at least 1 in modes luffy, sft and rl_sft_loss",
+            "must be at least 1 in modes luffy, sft and rl_sft_loss",
+            ".nOffPolicy",
         ),
         _rule(
             "!has(self.offPolicyMaxClip) || !has(self.offPolicyMinClip) "
             "|| self.offPolicyMinClip <= self.offPolicyMaxClip",
-            "spec.algorithm.offPolicyMinClip must not exceed offPolicyMaxClip",
+            "must not exceed offPolicyMaxClip",
+            ".offPolicyMinClip",
         ),
         _rule(
             "!has(self.lossScale) || self.lossScale != 'released' || !has(self.aggregation) "
             "|| self.aggregation == 'token-sum'",
-            "spec.algorithm.lossScale 'released' scales the token-sum aggregation only",
+            "'released' scales the token-sum aggregation only",
+            ".lossScale",
         ),
     ],
     ("spec", "optimization"): [
         _rule(
             "self.promptsPerStep % self.optimizerStepsPerBatch == 0",
-            "spec.optimization.promptsPerStep must be divisible by optimizerStepsPerBatch",
+            "must be divisible by optimizerStepsPerBatch",
+            ".promptsPerStep",
         ),
+        _rule("self.warmupSteps <= self.totalSteps", "must not exceed totalSteps", ".warmupSteps"),
     ],
     ("spec", "rollout"): [
         _rule(
-            "self.gpusPerReplica == 0 || self.tensorParallelSize <= self.gpusPerReplica",
-            "spec.rollout.tensorParallelSize must not exceed spec.rollout.gpusPerReplica",
+            "self.gpusPerReplica == 0 || self.gpusPerReplica % self.tensorParallelSize == 0",
+            "must divide spec.rollout.gpusPerReplica",
+            ".tensorParallelSize",
         ),
     ],
     ("spec", "checkpoint"): [
@@ -120,8 +140,9 @@ CEL_RULES: dict[tuple[str, ...], list[dict[str, str]]] = {
     ],
     ("spec", "mlflow"): [
         _rule(
-            "self.trackingUri.matches('^https?://[^/\\\\s]+')",
-            "spec.mlflow.trackingUri must be an http(s):// URL of an MLflow tracking server",
+            "!has(self.bestModelAlias) || has(self.registeredModelName)",
+            "needs spec.mlflow.registeredModelName",
+            ".bestModelAlias",
         ),
     ],
     ("spec", "rollout", "env"): _env_rules("spec.rollout.env"),

@@ -32,6 +32,9 @@ from luffy_trainer.config import CheckpointConfig, RolloutConfig, TrackingConfig
 from luffy_trainer.contract import API_VERSION, KIND, RENDEZVOUS_PORT, ROLLOUT_PORT
 
 from luffy_operator.api import (
+    CHECKPOINT_MOUNT,
+    CONFIG_DIR,
+    MODEL_CACHE_MOUNT,
     ROLLOUT_RESOURCE_DEFAULTS,
     TRAINER_RESOURCE_DEFAULTS,
     CheckpointSchedule,
@@ -52,10 +55,7 @@ ATTEMPT_ANNOTATION = "luffy.dev/attempt"
 ROLLOUT_REPLICAS_ANNOTATION = "luffy.dev/rollout-replicas"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
-CONFIG_DIR = "/etc/luffy"
 CONFIG_FILE = "config.yaml"
-CHECKPOINT_MOUNT = "/checkpoints"
-MODEL_CACHE_MOUNT = "/models"
 HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
 RUN_AS_USER = 1000
 PROBE_PERIOD_SECONDS = 10
@@ -446,9 +446,7 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
 
 def weight_sync_ports(spec: LuffyRunSpec) -> list[int]:
     """Ports trainer rank 0 listens on for weight sync, one per rollout replica."""
-    if not spec.uses_rollouts:
-        return []
-    return contract.weight_sync_ports(spec.trainer.weight_sync_port, spec.rollout.replicas)
+    return spec.weight_sync_ports if spec.uses_rollouts else []
 
 
 def trainer_service(run: RunRef, spec: LuffyRunSpec) -> Manifest:

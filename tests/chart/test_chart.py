@@ -28,7 +28,7 @@ from luffy_operator.cli import build_parser
 from luffy_operator.settings import OperatorSettings
 
 # The oldest Kubernetes the chart claims (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate has.
-KUBE_VERSIONS = ["1.26", "1.37"]
+KUBE_VERSIONS = ["1.29", "1.37"]  # the CRD's CEL uses fieldPath (1.28) and the quantity library (1.29)
 ERROR_SEVERITY = 3  # Helm's support.ErrorSev; 1 is INFO (e.g. "icon is recommended"), 2 WARNING
 
 

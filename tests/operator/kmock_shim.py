@@ -174,6 +174,12 @@ class Emulator(kmock.KubernetesEmulator):
             exc = kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
         return await super()._render_error(exc)
 
+    async def _serve_server_version(self, request: Any) -> Any:
+        """The oldest Kubernetes the chart claims (the CRD's CEL needs fieldPath, 1.28, and quantity(), 1.29), not
+        kmock's fixed 1.26, so Helm's kubeVersion check passes."""
+        r = await super()._serve_server_version(request)
+        return {**r, "minor": "29", "gitVersion": "v1.29.0+kmock"}
+
     async def _serve_version(self, request: Any) -> Any:
         """'v1' not '/v1'; no shortNames or categories on subresources (kubectl expands categories to them)."""
         r = await super()._serve_version(request)

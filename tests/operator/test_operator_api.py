@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from decimal import Decimal
 
 import pytest
 from luffy_operator.api import (
@@ -15,6 +16,7 @@ from luffy_operator.api import (
     parse_spec,
     with_mutable_fields,
 )
+from luffy_operator.fields import quantity_value
 from luffy_operator.settings import OperatorSettings
 from luffy_trainer.config import (
     AlgorithmConfig,
@@ -73,12 +75,20 @@ def test_rollout_sampling_reuses_the_trainer_fields_and_their_limits() -> None:
             RolloutSampling.model_validate(bad)
 
 
-def test_camel_and_snake_case_are_the_same_spec() -> None:
+def test_a_manifest_is_camel_case_only_and_strictly_typed() -> None:
+    """The API server prunes a snake_case key and refuses "8" for 8; the operator does the same, while the trainer's
+    own YAML configs keep accepting both spellings and YAML's lax types."""
     camel = valid_run()["spec"]
-    snake = {**camel, "failure_policy": camel["failurePolicy"], "rollout": {"replicas": 2, "gpus_per_replica": 0}}
+    snake = {**camel, "failure_policy": camel["failurePolicy"]}
     del snake["failurePolicy"]
-    assert dump_spec(parse_spec(camel)) == dump_spec(parse_spec(snake))
-    assert "gpusPerReplica" in dump_spec(parse_spec(snake))["rollout"]
+    with pytest.raises(SpecError, match=r"spec\.failure_policy: unknown field"):
+        parse_spec(snake)
+    with pytest.raises(SpecError, match=r"spec\.rollout\.replicas"):
+        parse_spec({**camel, "rollout": {"replicas": "2", "gpusPerReplica": 0}})
+    with pytest.raises(SpecError, match="finite"):
+        parse_spec({**camel, "optimization": {"lr": float("inf")}})
+    assert RolloutConfig.model_validate({"tensor_parallel_size": 2}).tensor_parallel_size == 2
+    assert RolloutConfig.model_validate({"tensorParallelSize": "2"}).tensor_parallel_size == 2
 
 
 def test_spec_errors_list_every_problem_by_path() -> None:
@@ -113,3 +123,11 @@ def test_operator_settings_from_the_environment() -> None:
         OperatorSettings.from_env({"LUFFY_OPERATOR_WORKERS": "many"})
     with pytest.raises(ValueError, match="LUFFY_OPERATOR_RESYNC_SECONDS must be positive"):
         OperatorSettings.from_env({"LUFFY_OPERATOR_RESYNC_SECONDS": "0"})
+
+
+def test_quantities_compare_by_their_amount() -> None:
+    assert quantity_value("1Gi") == 2**30 and quantity_value("1500m") == Decimal("1.5")
+    assert quantity_value("1e3") == 1000 and quantity_value(2) == 2 and quantity_value("2E") == 2 * 10**18
+    for bad in ("-1", "1 Gi", "lots", ""):
+        with pytest.raises(ValueError):
+            quantity_value(bad)

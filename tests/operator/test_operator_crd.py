@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
 from crd_validation import CrdValidator
-from luffy_operator.api import MUTABLE_PATHS, dump_spec, parse_spec
+from luffy_operator.api import MANAGED_ROLLOUT_FLAGS, MUTABLE_PATHS, SpecError, check_name, dump_spec, parse_spec
 from luffy_operator.crd import render
 from luffyrun_samples import INVALID_CASES, invalid_run, names_field, valid_run
 from operator_harness import CRD_PATH, REPO
@@ -124,15 +125,32 @@ def test_schema_defaults_are_the_models_defaults(validator: CrdValidator) -> Non
     assert compact(defaulted) == compact(model)
 
 
+def operator_refusal(obj: dict[str, Any]) -> str | None:
+    """What the operator says of a run where no API server enforced the CRD: its SpecError, or None if accepted."""
+    try:
+        check_name(obj["metadata"]["name"])
+        parse_spec(obj["spec"])
+    except SpecError as err:
+        return str(err)
+    return None
+
+
 @pytest.mark.parametrize("case_id,field", [(c[0], c[2]) for c in INVALID_CASES])
-def test_invalid_runs_are_rejected_naming_the_field(validator: CrdValidator, case_id: str, field: str) -> None:
-    problems = validator.errors(invalid_run(case_id))
-    assert problems, f"{case_id} was admitted"
-    assert any(names_field(p, field) for p in problems), (field, problems)
+def test_invalid_runs_are_refused_by_both_layers_naming_the_field(
+    validator: CrdValidator, case_id: str, field: str
+) -> None:
+    run = invalid_run(case_id)
+    problems = validator.errors(run)
+    assert problems, f"{case_id} was admitted by the CRD"
+    assert any(names_field(p, field) for p in problems), ("CRD", field, problems)
+    refusal = operator_refusal(run)
+    assert refusal is not None, f"{case_id} was accepted by the operator"
+    assert names_field(refusal, field), ("operator", field, refusal)
 
 
 def test_enough_invalid_cases() -> None:
-    assert len(INVALID_CASES) >= 20
+    assert len(INVALID_CASES) >= 80
+    assert len({c[0] for c in INVALID_CASES}) == len(INVALID_CASES)
 
 
 def _updated(run: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
@@ -176,3 +194,57 @@ def test_immutable_fields_are_refused_on_update(
     old = valid_run(checkpoint={"existingClaim": "shared-rwx"})
     problems = validator.errors(_updated(old, path, value), old=old)
     assert any(field in p and ("immutable" in p or "added or removed" in p) for p in problems), problems
+
+
+def test_every_spec_value_is_bounded(crd: dict[str, Any]) -> None:
+    """int64 at least on every integer; a length on every string, list and map (CEL's cost estimate needs them)."""
+    for path, node in _nodes(schema_of(crd)):
+        if not path.startswith("spec") or node.get("x-kubernetes-int-or-string"):
+            continue
+        kind = node.get("type")
+        if kind == "integer":
+            assert node["minimum"] >= -(2**63) and node["maximum"] <= 2**63 - 1, path
+        if kind == "string" and "enum" not in node:
+            assert "maxLength" in node, path
+        if kind == "array":
+            assert "maxItems" in node, path
+        if kind == "object" and "additionalProperties" in node:
+            assert "maxProperties" in node, path
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        valid_run(rollout={"replicas": 1, "gpusPerReplica": 4, "tensorParallelSize": 2}),
+        valid_run(trainer={"resources": {"requests": {"cpu": "1500m", "memory": "1Gi"}, "limits": {"cpu": 2}}}),
+        valid_run(scheduling={"nodeSelector": {"kubernetes.io/os": "linux"}, "queueName": "team-a.gpu"}),
+        valid_run(dataVolume={"claimName": "d", "mountPath": "/datasets/math"}),
+        valid_run(
+            mlflow={"trackingUri": "https://[fd00::1]:8443/mlflow", "bestModelAlias": "b", "registeredModelName": "m"}
+        ),
+        valid_run(image="registry.example.com:5000/team/luffy:0.1.0@sha256:" + "a" * 64),
+    ],
+)
+def test_near_misses_are_admitted_by_both_layers(validator: CrdValidator, run: dict[str, Any]) -> None:
+    """The rules refuse what they should and no more: a neighbour of each refused case passes both layers."""
+    assert validator.errors(run) == []
+    parse_spec(run["spec"])
+
+
+def test_managed_rollout_flags_cover_what_serve_rollout_reserves() -> None:
+    from luffy_trainer.rollout.serve import RESERVED_VLLM_ARGS
+
+    assert {a.removeprefix("--") for a in RESERVED_VLLM_ARGS} <= set(MANAGED_ROLLOUT_FLAGS)
+
+
+def test_every_cel_rule_compiles(crd: dict[str, Any]) -> None:
+    """Also the rules no corpus case reaches; a fieldPath must name a field of the node it sits on."""
+    env = celpy.Environment()
+    for path, node in _nodes(schema_of(crd)):
+        for rule in node.get("x-kubernetes-validations", []):
+            env.compile(rule["rule"])
+            if "fieldPath" in rule:
+                target = node
+                for key in rule["fieldPath"].strip(".").split("."):
+                    target = target["properties"][key]
+                assert target, (path, rule)

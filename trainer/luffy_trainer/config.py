@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
-from pydantic.alias_generators import to_snake
+from pydantic.alias_generators import to_camel, to_snake
 
 from luffy_trainer.contract import WEIGHT_SYNC_PORT, Section
 
@@ -29,8 +29,17 @@ WeightSyncBackend = Literal["auto", "gloo", "nccl"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
 ResumeMode = Literal["auto", "never", "required"]
 
-PositiveInt = Annotated[int, Field(ge=1)]
+INT64_MAX = 2**63 - 1
+PositiveInt = Annotated[int, Field(ge=1, le=INT64_MAX)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+# Sensible maxima of counts and sizes: far above any real run, low enough that a typo is refused, not attempted.
+Steps = Annotated[int, Field(ge=1, le=1_000_000_000)]
+Tokens = Annotated[int, Field(ge=1, le=4_194_304)]
+SampleCount = Annotated[int, Field(ge=0, le=1024)]
+# A value that must say something: not empty, not blank, no leading or trailing whitespace.
+NonBlank = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^\S(.*\S)?$")]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class UserError(ValueError):
@@ -43,6 +52,15 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+class RuleError(ValueError):
+    """A cross-field rule broken by one field: the error's path ends at that field (`optimization.warmup_steps`),
+    not at the section whose validator checks the rule."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class ConfigError(UserError):
     """A configuration that cannot be loaded; the message names each offending field by its full dotted path."""
 
@@ -50,7 +68,7 @@ class ConfigError(UserError):
 class ModelConfig(Section):
     """The policy model to train (a Hugging Face directory or hub id resolvable offline)."""
 
-    path: str = Field("Elliott/Qwen2.5-Math-7B-16k-think", description="Model directory or Hugging Face id.")
+    path: NonBlank = Field("Elliott/Qwen2.5-Math-7B-16k-think", description="Model directory or Hugging Face id.")
     dtype: ModelDType = Field("bfloat16", description="Parameter dtype for rollout and training.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
@@ -59,9 +77,9 @@ class ModelConfig(Section):
 class LuffyColumns(Section):
     """Column names of the released LUFFY/verl parquet schema."""
 
-    prompt: str = Field("prompt", description="Chat messages of the prompt ([system, user]).")
-    target: str = Field("target", description="The off-policy trace: one assistant message (or a list of them).")
-    ground_truth: str = Field(
+    prompt: NonBlank = Field("prompt", description="Chat messages of the prompt ([system, user]).")
+    target: NonBlank = Field("target", description="The off-policy trace: one assistant message (or a list of them).")
+    ground_truth: NonBlank = Field(
         "reward_model.ground_truth", description="Dotted path to the answer inside a struct column."
     )
 
@@ -69,28 +87,31 @@ class LuffyColumns(Section):
 class FlatColumns(Section):
     """Column names of the flat format: one question, one answer, one worked solution per row."""
 
-    question: str = Field("question", description="The problem statement.")
-    answer: str = Field("answer", description="The ground-truth final answer.")
-    solution: str = Field("solution", description="A worked solution used as the off-policy trace.")
+    question: NonBlank = Field("question", description="The problem statement.")
+    answer: NonBlank = Field("answer", description="The ground-truth final answer.")
+    solution: NonBlank = Field("solution", description="A worked solution used as the off-policy trace.")
 
 
 class DataConfig(Section):
     """Where prompts, answers and off-policy traces come from, and the length limits."""
 
-    train_files: list[str] = Field(
+    train_files: list[NonBlank] = Field(
         default_factory=lambda: ["data/openr1.parquet"],
         min_length=1,
+        max_length=1024,
         description="Parquet, JSONL or local `datasets` directories with the training rows.",
     )
-    val_files: list[str] = Field(default_factory=list, description="Validation sets, same formats.")
+    val_files: list[NonBlank] = Field(
+        default_factory=list, max_length=1024, description="Validation sets, same formats."
+    )
     format: DataFormat = Field("luffy", description="`luffy`: the released verl schema; `flat`: named columns.")
     luffy_columns: LuffyColumns = Field(default_factory=LuffyColumns)
     flat_columns: FlatColumns = Field(default_factory=FlatColumns)
-    system_prompt: str | None = Field(
+    system_prompt: Annotated[str, Field(max_length=65536)] | None = Field(
         None, description="System message added to flat-format prompts (the luffy format carries its own)."
     )
-    max_prompt_length: PositiveInt = Field(1024, description="Longest templated prompt, in tokens.")
-    max_response_length: PositiveInt = Field(8192, description="Longest response or trace, in tokens (EOS included).")
+    max_prompt_length: Tokens = Field(1024, description="Longest templated prompt, in tokens.")
+    max_response_length: Tokens = Field(8192, description="Longest response or trace, in tokens (EOS included).")
     overlong_prompt: OverlongPolicy = Field("error", description="What to do with a prompt over the limit.")
     overlong_trace: OverlongPolicy = Field("drop", description="What to do with a row whose trace is over the limit.")
     shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded, resumable).")
@@ -106,8 +127,8 @@ class AlgorithmConfig(Section):
             "`sft`: traces only, NLL loss; `rl_sft_loss`: on-policy GRPO plus the NLL of the trace."
         ),
     )
-    n_on_policy: Annotated[int, Field(ge=0)] = Field(7, description="On-policy samples per prompt.")
-    n_off_policy: Annotated[int, Field(ge=0)] = Field(1, description="Off-policy traces per prompt (luffy mode).")
+    n_on_policy: SampleCount = Field(7, description="On-policy samples per prompt.")
+    n_off_policy: SampleCount = Field(1, description="Off-policy traces per prompt (luffy mode).")
     gamma: Annotated[float, Field(gt=0.0)] | None = Field(
         0.1, description="Policy shaping f(p) = p/(p+gamma) on off-policy tokens; null means f(p) = p."
     )
@@ -117,7 +138,7 @@ class AlgorithmConfig(Section):
     normalize_std: bool = Field(False, description="Divide group advantages by the unbiased group std + eps.")
     std_eps: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="Epsilon added to the group std.")
     aggregation: Aggregation = Field("token-sum", description="How token losses are reduced to one scalar.")
-    norm_length: PositiveInt | None = Field(
+    norm_length: Tokens | None = Field(
         None, description="Divisor of `token-sum`; null means data.maxResponseLength (the released constant)."
     )
     loss_scale: LossScale = Field(
@@ -141,17 +162,17 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _check_group(self) -> AlgorithmConfig:
         if self.uses_rollouts and self.n_on_policy < 1:
-            raise ValueError(f"n_on_policy must be at least 1 in mode {self.mode!r}")
+            raise RuleError("n_on_policy", f"must be at least 1 in mode {self.mode!r}")
         if self.uses_traces and self.n_off_policy < 1:
-            raise ValueError(f"n_off_policy must be at least 1 in mode {self.mode!r}")
+            raise RuleError("n_off_policy", f"must be at least 1 in mode {self.mode!r}")
         if (
             self.off_policy_max_clip is not None
             and self.off_policy_min_clip is not None
             and self.off_policy_min_clip > self.off_policy_max_clip
         ):
-            raise ValueError("off_policy_min_clip must not exceed off_policy_max_clip")
+            raise RuleError("off_policy_min_clip", "must not exceed the max clip")
         if self.loss_scale == "released" and self.aggregation != "token-sum":
-            raise ValueError(f"loss_scale 'released' scales the token-sum aggregation, not {self.aggregation!r}")
+            raise RuleError("loss_scale", f"'released' scales the token-sum aggregation, not {self.aggregation!r}")
         return self
 
     # What each mode means, asked by the code instead of comparing mode names (the table in groups.py).
@@ -194,11 +215,11 @@ class AlgorithmConfig(Section):
 class RewardConfig(Section):
     """How completions and traces are scored."""
 
-    name: str = Field("math_verify", description='A registered reward function (README "Rewards").')
+    name: NonBlank = Field("math_verify", description='A registered reward function (README "Rewards").')
     timeout_s: Annotated[float, Field(gt=0.0)] = Field(
         10.0, description="Longest time one sample may take to grade; a sample over it scores 0."
     )
-    num_workers: PositiveInt = Field(2, description="Grading worker processes.")
+    num_workers: Annotated[int, Field(ge=1, le=256)] = Field(2, description="Grading worker processes.")
 
 
 class RolloutConfig(Section):
@@ -207,50 +228,52 @@ class RolloutConfig(Section):
     backend: RolloutBackend = Field(
         "vllm", description="`vllm`: in-process engine; `vllm-server`: `vllm serve` replicas; `hf`: transformers."
     )
-    server_urls: list[str] = Field(
+    server_urls: list[NonBlank] = Field(
         default_factory=list,
+        max_length=64,
         description="Base URLs of the rollout servers (backend vllm-server); a LuffyRun's operator writes them.",
     )
-    control_token_file: str | None = Field(
+    control_token_file: NonBlank | None = Field(
         None,
-        min_length=1,
         description=(
             "File with the rollout servers' control token, sent as `Authorization: Bearer` on every request to them "
             "(backend vllm-server; a LuffyRun's operator mounts it); null: none."
         ),
     )
-    weight_sync_host: str = Field(
-        "127.0.0.1", min_length=1, description="Address the rollout servers reach trainer rank 0 at for weight sync."
+    weight_sync_host: NonBlank = Field(
+        "127.0.0.1", description="Address the rollout servers reach trainer rank 0 at for weight sync."
     )
-    weight_sync_port: int = Field(
+    weight_sync_port: Port = Field(
         WEIGHT_SYNC_PORT,
-        ge=1,
-        le=65535,
         description="First weight-sync port on trainer rank 0; rollout server i connects to this port + i.",
     )
     temperature: NonNegativeFloat = Field(1.0, description="Sampling temperature of on-policy rollouts.")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling threshold.")
-    top_k: int = Field(-1, ge=-1, description="Top-k sampling; -1 disables.")
-    max_tokens: PositiveInt | None = Field(None, description="Longest completion; null means data.maxResponseLength.")
+    top_k: int = Field(-1, ge=-1, le=1_000_000, description="Top-k sampling; -1 disables.")
+    max_tokens: Tokens | None = Field(None, description="Longest completion; null means data.maxResponseLength.")
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.8, description="Fraction of GPU memory the in-process vLLM engine may take."
     )
-    tensor_parallel_size: PositiveInt = Field(1, description="Tensor-parallel degree of each vLLM engine.")
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="Tensor-parallel degree of each vLLM engine."
+    )
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile in vLLM.")
-    max_model_len: PositiveInt | None = Field(
+    max_model_len: Tokens | None = Field(
         None, description="vLLM context length; null means maxPromptLength + maxResponseLength."
     )
-    weight_sync_bucket_mb: PositiveInt = Field(256, description="Size of each weight-sync broadcast bucket.")
+    weight_sync_bucket_mb: Annotated[int, Field(ge=1, le=65536)] = Field(
+        256, description="Size of each weight-sync broadcast bucket."
+    )
     weight_sync_backend: WeightSyncBackend = Field(
         "auto", description="Transport of weight updates to rollout servers; `auto`: nccl with a GPU, else gloo."
     )
     weight_sync_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
         600.0, description="Longest wait for a weight-sync group to form or one update to reach a rollout server."
     )
-    max_inflight_requests: PositiveInt = Field(
+    max_inflight_requests: Annotated[int, Field(ge=1, le=65536)] = Field(
         64, description="Generation requests (one per prompt) in flight at once across all rollout servers."
     )
-    request_attempts: PositiveInt = Field(
+    request_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
         5, description="Tries per prompt before a batch fails; connection errors and 5xx are retried elsewhere."
     )
     request_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
@@ -266,35 +289,44 @@ class OptimizationConfig(Section):
 
     lr: Annotated[float, Field(gt=0.0)] = Field(1e-6, description="AdamW learning rate.")
     weight_decay: NonNegativeFloat = Field(0.01, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), validate_default=False, description="AdamW betas.")
     grad_clip: Annotated[float, Field(gt=0.0)] | None = Field(1.0, description="Max global grad norm; null: none.")
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(0, description="Linear warmup, in optimizer steps.")
-    prompts_per_step: PositiveInt = Field(128, description="Prompts drawn per rollout batch.")
-    optimizer_steps_per_batch: PositiveInt = Field(
+    warmup_steps: Annotated[int, Field(ge=0, le=1_000_000_000)] = Field(
+        0, description="Linear warmup, in optimizer steps."
+    )
+    prompts_per_step: Annotated[int, Field(ge=1, le=1_048_576)] = Field(
+        128, description="Prompts drawn per rollout batch."
+    )
+    optimizer_steps_per_batch: Annotated[int, Field(ge=1, le=1_048_576)] = Field(
         2, description="Mini-batches (optimizer steps) each rollout batch is split into."
     )
-    micro_batch_tokens: PositiveInt = Field(
+    micro_batch_tokens: Annotated[int, Field(ge=1, le=1_073_741_824)] = Field(
         32768, description="Token budget of one forward/backward micro-batch (gradients are accumulated)."
     )
-    total_steps: PositiveInt = Field(500, description="Rollout batches (training steps) to run.")
-    seed: int = Field(47, description="Seed of the data order, sampling and initialisation.")
+    total_steps: Steps = Field(500, description="Rollout batches (training steps) to run.")
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
+        47, description="Seed of the data order, sampling and initialisation."
+    )
 
     @model_validator(mode="after")
     def _check_minibatches(self) -> OptimizationConfig:
         if self.prompts_per_step % self.optimizer_steps_per_batch:
-            raise ValueError(
-                f"prompts_per_step ({self.prompts_per_step}) must be divisible by "
-                f"optimizer_steps_per_batch ({self.optimizer_steps_per_batch})"
+            raise RuleError(
+                "prompts_per_step",
+                f"{self.prompts_per_step} must be divisible by the optimizer steps per batch "
+                f"({self.optimizer_steps_per_batch})",
             )
+        if self.warmup_steps > self.total_steps:
+            raise RuleError("warmup_steps", f"{self.warmup_steps} must not exceed the total steps ({self.total_steps})")
         return self
 
 
 class CheckpointConfig(Section):
     """Where and how often the training state is saved."""
 
-    dir: str = Field("checkpoints", description="Directory of step checkpoints and the final model.")
-    every_steps: PositiveInt = Field(50, description="Save a checkpoint every N steps (and at the end).")
-    keep_last: PositiveInt = Field(2, description="How many step checkpoints to keep.")
+    dir: NonBlank = Field("checkpoints", description="Directory of step checkpoints and the final model.")
+    every_steps: Steps = Field(50, description="Save a checkpoint every N steps (and at the end).")
+    keep_last: Annotated[int, Field(ge=1, le=1000)] = Field(2, description="How many step checkpoints to keep.")
     resume: ResumeMode = Field(
         "auto", description="`auto`: resume from the newest checkpoint if any; `never`; `required`: fail if none."
     )
@@ -303,9 +335,11 @@ class CheckpointConfig(Section):
 class TrackingServerConfig(Section):
     """Which MLflow server, experiment and run name; shared by training and `luffy eval`."""
 
-    tracking_uri: str | None = Field(None, description="MLflow server URI; null: a local store in the working dir.")
-    experiment_name: str = Field("luffy", description="MLflow experiment.")
-    run_name: str | None = Field(None, description="MLflow run name.")
+    tracking_uri: NonBlank | None = Field(
+        None, description="MLflow server URI; null: a local store in the working dir."
+    )
+    experiment_name: NonBlank = Field("luffy", description="MLflow experiment.")
+    run_name: NonBlank | None = Field(None, description="MLflow run name.")
     connect_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
         120.0, description="How long to retry an unreachable tracking server before failing."
     )
@@ -315,9 +349,9 @@ class TrackingConfig(TrackingServerConfig):
     """MLflow tracking. Environment variables MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID win."""
 
     log_model: bool = Field(True, description="Log the final model as an MLflow transformers model.")
-    registered_model_name: str | None = Field(None, description="Register the final model under this name.")
-    registered_model_alias: str | None = Field(None, description="Alias pointed at the final model's version.")
-    best_model_alias: str | None = Field(
+    registered_model_name: NonBlank | None = Field(None, description="Register the final model under this name.")
+    registered_model_alias: NonBlank | None = Field(None, description="Alias pointed at the final model's version.")
+    best_model_alias: NonBlank | None = Field(
         None,
         description=(
             "Also register the model of the best validation score and point this alias at it "
@@ -325,19 +359,27 @@ class TrackingConfig(TrackingServerConfig):
         ),
     )
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
-    log_every_steps: PositiveInt = Field(1, description="Log step metrics every N steps.")
+    log_every_steps: Steps = Field(1, description="Log step metrics every N steps.")
+
+    @model_validator(mode="after")
+    def _check_best_model(self) -> TrackingConfig:
+        if self.best_model_alias is not None and self.registered_model_name is None:
+            raise RuleError("best_model_alias", "needs a registered model name (the model the alias points into)")
+        return self
 
 
 class ValidationConfig(Section):
     """Held-out evaluation during training, on `data.val_files`."""
 
-    every_steps: Annotated[int, Field(ge=0)] = Field(
+    every_steps: Annotated[int, Field(ge=0, le=1_000_000_000)] = Field(
         10, description="Evaluate every N steps (and at the end); 0: only at the end."
     )
-    samples_per_prompt: PositiveInt = Field(1, description="Samples per problem (avg@k and pass@k use k of them).")
+    samples_per_prompt: Annotated[int, Field(ge=1, le=1024)] = Field(
+        1, description="Samples per problem (avg@k and pass@k use k of them)."
+    )
     temperature: NonNegativeFloat = Field(0.6, description="Sampling temperature of validation generations.")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1.0, description="Nucleus sampling threshold.")
-    max_tokens: PositiveInt | None = Field(None, description="Longest validation answer; null: maxResponseLength.")
+    max_tokens: Tokens | None = Field(None, description="Longest validation answer; null: maxResponseLength.")
 
 
 class TrainConfig(Section):
@@ -352,7 +394,7 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    output_dir: str = Field("outputs", description="Where the final model and run artefacts are written.")
+    output_dir: NonBlank = Field("outputs", description="Where the final model and run artefacts are written.")
 
     @property
     def norm_length(self) -> int:
@@ -370,12 +412,17 @@ class TrainConfig(Section):
         return a.n_on_policy + (a.n_off_policy if a.uses_traces_in_group else 0)
 
 
-def format_validation_error(err: ValidationError, source: str | None = None) -> str:
-    """One line per problem, each starting with the field's full dotted path (list indices included)."""
+def format_validation_error(err: ValidationError, source: str | None = None, by_alias: bool = False) -> str:
+    """One line per problem, each starting with the field's full dotted path (list indices included; camelCase
+    field names of cross-field rules with `by_alias`, as a manifest spells them)."""
     where = f" in {source}" if source else ""
     lines = [f"invalid configuration{where}:"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = list(e["loc"])
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, RuleError):
+            loc.append(to_camel(cause.field) if by_alias else cause.field)
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
