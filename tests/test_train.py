@@ -86,6 +86,8 @@ def test_short_run_logs_params_metrics_and_model(short_training_run):
     assert run.data.metrics["val/best/mean_avg"] == max(history.values())
     best = client.get_model_version_by_alias("tiny-luffy", "best")
     assert best.version == result.best_model_version != result.model_version
+    # Each version says which logged model it is, so the operator reports the final one, not the best.
+    assert (version.tags["luffy.artifact"], best.tags["luffy.artifact"]) == ("model", "best_model")
     assert (work / "out" / "best" / "model.safetensors").is_file()
 
 

@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from luffy_trainer import contract
+
 UID_TAG = "luffy.uid"
 
 
@@ -125,7 +127,18 @@ class MlflowRestClient:
         self._call("POST", "runs/update", {"run_id": run_id, "status": "FAILED", "end_time": int(time.time() * 1000)})
 
     def model_version(self, model_name: str, run_id: str) -> str | None:
-        """The newest version of `model_name` registered from `run_id`, if any."""
+        """The newest version of `model_name` registered from `run_id` as its final model, if any: the best model's
+        version (`bestModelAlias`, registered after the final one) is not the run's model."""
         versions = self._call("GET", "model-versions/search", filter=f"run_id='{run_id}'").get("model_versions", [])
-        numbers = [int(v["version"]) for v in versions if v.get("name") == model_name]
+        numbers = [
+            int(v["version"])
+            for v in versions
+            if v.get("name") == model_name and _artifact(v) in (None, contract.FINAL_MODEL_ARTIFACT)
+        ]
         return str(max(numbers)) if numbers else None
+
+
+def _artifact(version: dict) -> str | None:
+    """The logged model a version was registered from, as the trainer tags it (None: untagged, an older trainer)."""
+    tags = {t.get("key"): t.get("value") for t in version.get("tags") or []}
+    return tags.get(contract.MODEL_ARTIFACT_TAG)

@@ -55,6 +55,13 @@ def test_model_version_is_the_newest_registered_from_the_run(mlflow_uri: str) ->
     assert client.model_version(name, run.run_id) == "2"
     assert client.model_version(name, unrelated.run_id) == "3"
     assert client.model_version("another-model", run.run_id) is None
+    # The trainer tags each version with its logged model; the best model (registered after the final) is not it.
+    for artifact in ("model", "best_model"):
+        version = {"name": name, "source": f"runs:/{run.run_id}/{artifact}", "run_id": run.run_id}
+        number = rest(mlflow_uri, "model-versions/create", version)["model_version"]["version"]
+        tag = {"name": name, "version": number, "key": "luffy.artifact", "value": artifact}
+        rest(mlflow_uri, "model-versions/set-tag", tag)
+    assert client.model_version(name, run.run_id) == "4"
 
 
 def test_a_failed_run_is_marked_failed(mlflow_uri: str) -> None:

@@ -95,6 +95,12 @@ def control_secret_name(run_name: str) -> str:
     return f"{run_name}{CONTROL_SECRET_SUFFIX}"
 
 
+# --- registered models: which version the operator reports as the run's model ------------------------------------
+
+MODEL_ARTIFACT_TAG = "luffy.artifact"  # on each model version the trainer registers: the logged model's name
+FINAL_MODEL_ARTIFACT = "model"  # outputDir/final, the version `status.mlflow.modelVersion` names
+BEST_MODEL_ARTIFACT = "best_model"  # outputDir/best (bestModelAlias), registered after the final one
+
 # --- ports ---------------------------------------------------------------------------------------------------------
 
 ROLLOUT_PORT = 8000  # HTTP port of a rollout server (`luffy serve-rollout`)

@@ -308,9 +308,12 @@ class MlflowTracker:
         for k, v in tags.items():
             self._retry_until_reachable(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v), "set a tag")
 
-    def log_model(self, model_dir: str | Path, artifact_name: str = "model", alias: str | None = None) -> str | None:
-        """Log a saved model directory as an MLflow transformers model; register it when configured and point
-        `alias` at the new version. Returns the registered version, if any."""
+    def log_model(
+        self, model_dir: str | Path, artifact_name: str = contract.FINAL_MODEL_ARTIFACT, alias: str | None = None
+    ) -> str | None:
+        """Log a saved model directory as an MLflow transformers model; register it when configured, tag the version
+        with the artifact's name (so the operator can tell the final model from the best one) and point `alias` at
+        it. Returns the registered version, if any."""
         import mlflow
 
         name = self.config.registered_model_name
@@ -335,6 +338,13 @@ class MlflowTracker:
 
         info = self._retry_until_reachable(_log, "log the model")
         version = getattr(info, "registered_model_version", None)
+        if name and version is not None:
+            self._retry_until_reachable(
+                lambda: self.client.set_model_version_tag(
+                    name, str(version), contract.MODEL_ARTIFACT_TAG, artifact_name
+                ),
+                "tag the model version",
+            )
         if name and version is not None and alias:
             self._retry_until_reachable(
                 lambda: self.client.set_registered_model_alias(name, alias, str(version)), "set the model alias"

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from luffy_trainer import contract
 from luffy_trainer.checkpoint import CheckpointManager, restore_rng_state, rng_state
 from luffy_trainer.config import ConfigError, TrainConfig, dump_config, flatten_config, load_config
 from luffy_trainer.distributed import (
@@ -369,7 +370,9 @@ class LuffyTrainer:
         if self.best and tracking.best_model_alias and tracking.registered_model_name:
             self.tracker.set_tags({"luffy.best_step": str(int(self.best["step"]))})
             result.best_model_version = self.tracker.log_model(
-                Path(self.config.output_dir) / "best", artifact_name="best_model", alias=tracking.best_model_alias
+                Path(self.config.output_dir) / "best",
+                artifact_name=contract.BEST_MODEL_ARTIFACT,
+                alias=tracking.best_model_alias,
             )
 
     def _record(self, step: int, metrics: dict[str, float], progress: Progress) -> None:
