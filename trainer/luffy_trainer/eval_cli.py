@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
+from luffy_trainer import contract
 from luffy_trainer.config import (
     ConfigError,
     DataConfig,
@@ -289,8 +290,8 @@ def write_outputs(result: EvalResult, document: dict[str, Any], markdown: str, o
 def connect_tracking(config: EvalConfig, tracking: TrackingConfig) -> MlflowTracker | None:
     """The MLflow tracker when a server is configured, with the server (and the run to join) reached now, before
     the model loads; None without a server."""
-    run_id = os.environ.get("MLFLOW_RUN_ID") or config.tracking.run_id
-    if not (os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri):
+    run_id = os.environ.get(contract.ENV_MLFLOW_RUN_ID) or config.tracking.run_id
+    if not (os.environ.get(contract.ENV_MLFLOW_TRACKING_URI) or tracking.tracking_uri):
         if run_id:
             raise ConfigError("tracking.run_id needs tracking.tracking_uri (or MLFLOW_TRACKING_URI): which server?")
         return None
