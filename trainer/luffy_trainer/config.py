@@ -28,6 +28,7 @@ RolloutBackend = Literal["vllm", "vllm-server", "hf"]
 WeightSyncBackend = Literal["auto", "gloo", "nccl"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
 ResumeMode = Literal["auto", "never", "required"]
+ImportanceCorrection = Literal["auto", "off", "token", "sequence"]
 
 INT64_MAX = 2**63 - 1
 PositiveInt = Annotated[int, Field(ge=1, le=INT64_MAX)]
@@ -158,6 +159,17 @@ class AlgorithmConfig(Section):
         None, description="Lower clamp of the shaped off-policy weight f(p); null disables."
     )
     sft_loss_coef: NonNegativeFloat = Field(1.0, description="Weight of the trace NLL in `rl_sft_loss` mode.")
+    importance_correction: ImportanceCorrection = Field(
+        "auto",
+        description=(
+            "Truncated importance weight min(pi_old / pi_behaviour, importanceCap) on on-policy tokens, pi_behaviour "
+            "being the engine's sampling probability: per `token`, or one weight per `sequence` (the product over "
+            "its tokens); `off`: none; `auto`: `token` when rollout.maxStaleness > 0, else `off`."
+        ),
+    )
+    importance_cap: Annotated[float, Field(gt=0.0)] = Field(
+        2.0, description="Upper truncation C of the importance weight of on-policy tokens."
+    )
 
     @model_validator(mode="after")
     def _check_group(self) -> AlgorithmConfig:
@@ -282,6 +294,13 @@ class RolloutConfig(Section):
     unhealthy_timeout_s: Annotated[float, Field(gt=0.0)] = Field(
         300.0, description="How long to wait for at least one healthy rollout server before failing."
     )
+    max_staleness: Annotated[int, Field(ge=0, le=16)] = Field(
+        0,
+        description=(
+            "k: batch s is generated from the weights after step s-1-k while earlier batches train (0: generate, "
+            "then train, in turn; 1: generation of the next batch overlaps training)."
+        ),
+    )
 
 
 class OptimizationConfig(Section):
@@ -404,6 +423,14 @@ class TrainConfig(Section):
     @property
     def rollout_max_tokens(self) -> int:
         return self.rollout.max_tokens or self.data.max_response_length
+
+    @property
+    def importance_level(self) -> str:
+        """The importance correction in force (`auto` resolved against rollout.maxStaleness): off, token, sequence."""
+        level = self.algorithm.importance_correction
+        if level == "auto":
+            return "token" if self.rollout.max_staleness > 0 else "off"
+        return level
 
     @property
     def group_size(self) -> int:
