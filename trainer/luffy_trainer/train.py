@@ -4,6 +4,8 @@ One step (one rollout batch):
   prompts -> on-policy rollouts (vLLM) -> rewards -> groups with off-policy traces -> advantages
   -> optimizer step(s) -> weight sync to the rollout engines -> metrics -> checkpoint.
 Baselines (`grpo`, `sft`, `rl_sft_loss`) are the same loop with other group construction and loss terms (groups.py).
+With `rollout.maxStaleness` = k > 0 the rollouts of batch s+1.. are generated while batch s trains, from the weights
+after step s-1-k (pipeline.py); k = 0 is the strict alternation.
 
 Under torchrun every rank trains its share of each batch (policy.py); rank 0 alone draws prompts, drives the rollout
 engines, grades, logs to MLflow and reports progress.
@@ -37,6 +39,7 @@ from luffy_trainer.distributed import (
 )
 from luffy_trainer.evaluation import EvalResult, evaluate
 from luffy_trainer.groups import GroupInput, Sample, build_samples
+from luffy_trainer.pipeline import RolloutBatch, RolloutPipeline, staleness_metrics
 from luffy_trainer.policy import PolicyUpdater, build_optimizer, build_policy
 from luffy_trainer.progress import Progress
 from luffy_trainer.rollout.base import RolloutEngine, SamplingParams
@@ -132,6 +135,10 @@ class LuffyTrainer:
         self.tracker = None
         self.reward_pool = None
         self.status_reporter = None
+        self.rollouts: RolloutPipeline | None = None
+        # Modes without rollouts have nothing to generate ahead.
+        self.max_staleness = config.rollout.max_staleness if self.algorithm.uses_rollouts else 0
+        self.resumed_batches: list[RolloutBatch] = []  # generated ahead before the checkpoint resumed from
         self.run_id: str | None = None
         self.synced_version = 0  # the weight version every rollout engine serves
         self.best: dict[str, float] | None = None  # {"step", "score"} of the best validation so far
@@ -169,6 +176,13 @@ class LuffyTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.world.is_main:
             self.sampler.load_state_dict(state["sampler"])
+            ahead = state.get("rollout_queue", [])
+            if len(ahead) > self.max_staleness:
+                raise ConfigError(
+                    f"rollout.maxStaleness: the checkpoint at step {state['step']} was saved with {len(ahead)} "
+                    f"batch(es) generated ahead; resume with maxStaleness {len(ahead)} or more"
+                )
+            self.resumed_batches = ahead
         restore_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", latest, state["step"])
         return state
@@ -211,6 +225,8 @@ class LuffyTrainer:
         self.reward_pool = RewardPool(cfg.reward.name, cfg.reward.num_workers, cfg.reward.timeout_s)
         if self.algorithm.uses_rollouts or self.val_examples:
             self.engine = build_rollout_engine(cfg, cfg.model.path)
+        self.rollouts = RolloutPipeline(self._produce, self.max_staleness)
+        self.rollouts.load_state_dict(self.resumed_batches)
 
     # --- one step --------------------------------------------------------------------------------------------------
 
@@ -236,9 +252,16 @@ class LuffyTrainer:
             pos += len(outs)
         return rollout_rewards, scores[pos:] if self.algorithm.uses_traces else [0.0] * len(examples)
 
-    def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
-        """Rank 0: draw prompts, generate, grade, build the groups. Returns samples and batch metrics."""
-        examples = [self.examples[i] for i in self.sampler.next_batch(self.config.optimization.prompts_per_step)]
+    def _schedule(self, next_step: int) -> None:
+        """Rank 0: submit every batch due once the weights of step next_step-1 are pushed: next_step..next_step+k."""
+        last = min(next_step + self.max_staleness, self.config.optimization.total_steps)
+        for step in range(next_step, last + 1):
+            if step not in self.rollouts:
+                drawn = self.sampler.next_batch(self.config.optimization.prompts_per_step)
+                self.rollouts.submit(step, [self.examples[i] for i in drawn], self.sampler.epoch)
+
+    def _produce(self, step: int, examples, epoch: int) -> RolloutBatch:
+        """Rank 0, on the pipeline's thread: generate, grade, build the groups of one batch."""
         completions, t_gen = [[] for _ in examples], 0.0
         if self.algorithm.uses_rollouts:
             t0 = time.perf_counter()
@@ -269,10 +292,17 @@ class LuffyTrainer:
                 "time/generate_s": t_gen,
                 "time/reward_s": t_reward,
                 "throughput/rollout_tokens_per_s": generated / t_gen if t_gen else 0.0,
-                "progress/epoch": float(self.sampler.epoch),
+                "progress/epoch": float(epoch),
             }
         )
-        return samples, metrics
+        versions = [c.weight_version for outs in completions for c in outs]
+        return RolloutBatch(step, samples, metrics, versions)
+
+    def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """Rank 0: batch `step` from the pipeline, with its staleness and how long training waited for it."""
+        batch, waited = self.rollouts.take(step)
+        metrics = {**batch.metrics, **staleness_metrics(batch, self.max_staleness), "time/wait_rollout_s": waited}
+        return batch.samples, metrics
 
     def _sync_weights(self, version: int) -> float:
         """Push the current weights to every rollout engine (collective: all ranks gather, rank 0 sends)."""
@@ -293,7 +323,11 @@ class LuffyTrainer:
         t0 = time.perf_counter()
         train_stats = self.updater.optimize(samples)
         t_train = time.perf_counter() - t0
-        t_sync = self._sync_weights(version=step) if self.algorithm.uses_rollouts else 0.0
+        t_sync = 0.0
+        if self.algorithm.uses_rollouts:
+            if self.world.is_main:
+                self.rollouts.drain()  # the batches generated meanwhile are done: the weights may change
+            t_sync = self._sync_weights(version=step)
         trained = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
         metrics.update({METRIC_NAMES[k]: v for k, v in train_stats.items() if k in METRIC_NAMES})
         metrics.update(
@@ -333,7 +367,9 @@ class LuffyTrainer:
     def save_checkpoint(self, step: int) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "rng": rng_state(), "run_id": self.run_id, "best": self.best}
         if self.world.is_main:
+            # The sampler has drawn the prompts of the batches generated ahead; they are saved with it.
             state["sampler"] = self.sampler.state_dict()
+            state["rollout_queue"] = self.rollouts.state_dict()
         self.checkpoints.save(step, self.policy, self.optimizer, state)
 
     def track_best(self, step: int, val: EvalResult | None) -> dict[str, float]:
@@ -390,6 +426,8 @@ class LuffyTrainer:
         total = cfg.optimization.total_steps
         if self.start_step > total:
             log.info("the checkpoint is already at step %d of %d: no training left", self.start_step - 1, total)
+        if self.world.is_main:
+            self._schedule(self.start_step)
         for step in range(self.start_step, total + 1):
             metrics = self.step(step)
             every = cfg.validation.every_steps
@@ -404,6 +442,8 @@ class LuffyTrainer:
                 self._record(step, metrics, progress)
             if step % cfg.checkpoint.every_steps == 0 or step == total:
                 self.save_checkpoint(step)
+            if self.world.is_main:
+                self._schedule(step + 1)
             result.final_step, result.last_metrics = step, metrics
 
     def run(self) -> TrainResult:
@@ -435,6 +475,8 @@ class LuffyTrainer:
             self.close(status)
 
     def close(self, status: str) -> None:
+        if self.rollouts is not None:
+            self.rollouts.close()
         if self.engine is not None:
             self.engine.close()
         if self.reward_pool is not None:
