@@ -474,7 +474,7 @@ def environment(device, peak_tflops: float) -> dict:
     return env
 
 
-SECTIONS = ("correctness", "logprobs", "update", "generation")
+SECTIONS = ("update", "logprobs", "correctness", "generation")  # the acceptance measure first
 
 
 def main(argv: list[str] | None = None) -> int:
