@@ -252,61 +252,70 @@ def _reset_peak(device) -> None:
         _reset_peak_rss()
 
 
-def bench_update(plan: Plan, device, peak_tflops: float) -> list[dict]:
-    """Tokens/s, MFU and peak memory of `PolicyUpdater.optimize` for every shape, checkpointing on and off."""
+def update_row(plan: Plan, device, peak_tflops: float, name: str, checkpointing: bool) -> dict:
+    """Tokens/s, MFU and peak memory of `PolicyUpdater.optimize` on one shape, its median over the timed steps."""
     from logprob_memory import PeakMemory
     from luffy_trainer.distributed import World
     from luffy_trainer.policy import PolicyUpdater, build_optimizer, prepare_policy
 
+    shape = SHAPES[name]
+    config = train_config(
+        plan,
+        device,
+        checkpointing=checkpointing,
+        prompts=plan.prompts,
+        prompt_len=plan.prompt_len,
+        response_len=plan.response_len,
+    )
+    samples = luffy_samples(config, shape.vocab_size, plan.prompts, plan.prompt_len, [plan.response_len], 1)
+    _reset_peak(device)
+    policy = prepare_policy(qwen2_model(shape, device, 0), config.model, World(), device, sharded=True)
+    optimizer, scheduler = build_optimizer(policy, config)
+    updater = PolicyUpdater(policy, optimizer, scheduler, config, eos_id(shape), World(), device)
+    timer = PeakMemory(device)
+    seconds, stats = [], {}
+    for step in range(plan.warmup_steps + plan.steps):
+        timer.sync()
+        start = time.perf_counter()
+        stats = updater.optimize(samples)
+        timer.sync()
+        if step >= plan.warmup_steps:
+            seconds.append(time.perf_counter() - start)
+    step_s = statistics.median(seconds)
+    flops = train_flops(shape, _seq_lens(samples))
+    tokens = sum(_seq_lens(samples))
+    return {
+        "shape": name,
+        "gradient_checkpointing": checkpointing,
+        "dtype": config.model.dtype,
+        "samples_per_step": len(samples),
+        "tokens_per_step": tokens,
+        "micro_batch_tokens": plan.micro_batch_tokens,
+        "step_seconds": seconds,
+        "tokens_per_s": tokens / step_s,
+        "flops_per_step": flops,
+        "tflops_per_s": flops / step_s / 1e12,
+        "mfu": flops / step_s / (peak_tflops * 1e12),
+        "loss": stats["loss"],
+        "grad_norm": stats["grad_norm"],
+        **_peak_memory(device),
+    }
+
+
+def bench_update(plan: Plan, device, peak_tflops: float) -> list[dict]:
+    """`update_row` for every shape, checkpointing on and off; running out of GPU memory is a result, not the end."""
+    import torch
+
     results = []
     for name in plan.shapes:
-        shape = SHAPES[name]
         for checkpointing in (True, False):
-            config = train_config(
-                plan,
-                device,
-                checkpointing=checkpointing,
-                prompts=plan.prompts,
-                prompt_len=plan.prompt_len,
-                response_len=plan.response_len,
-            )
-            samples = luffy_samples(config, shape.vocab_size, plan.prompts, plan.prompt_len, [plan.response_len], 1)
-            _reset_peak(device)
-            policy = prepare_policy(qwen2_model(shape, device, 0), config.model, World(), device, sharded=True)
-            optimizer, scheduler = build_optimizer(policy, config)
-            updater = PolicyUpdater(policy, optimizer, scheduler, config, eos_id(shape), World(), device)
-            timer = PeakMemory(device)
-            seconds, stats = [], {}
-            for step in range(plan.warmup_steps + plan.steps):
-                timer.sync()
-                start = time.perf_counter()
-                stats = updater.optimize(samples)
-                timer.sync()
-                if step >= plan.warmup_steps:
-                    seconds.append(time.perf_counter() - start)
-            step_s = statistics.median(seconds)
-            flops = train_flops(shape, _seq_lens(samples))
-            tokens = sum(_seq_lens(samples))
-            results.append(
-                {
-                    "shape": name,
-                    "gradient_checkpointing": checkpointing,
-                    "dtype": config.model.dtype,
-                    "samples_per_step": len(samples),
-                    "tokens_per_step": tokens,
-                    "micro_batch_tokens": plan.micro_batch_tokens,
-                    "step_seconds": seconds,
-                    "tokens_per_s": tokens / step_s,
-                    "flops_per_step": flops,
-                    "tflops_per_s": flops / step_s / 1e12,
-                    "mfu": flops / step_s / (peak_tflops * 1e12),
-                    "loss": stats["loss"],
-                    "grad_norm": stats["grad_norm"],
-                    **_peak_memory(device),
-                }
-            )
-            print(json.dumps(results[-1]), flush=True)
-            del policy, optimizer, scheduler, updater
+            try:
+                row = update_row(plan, device, peak_tflops, name, checkpointing)
+            except torch.OutOfMemoryError as exc:
+                row = {"shape": name, "gradient_checkpointing": checkpointing, "error": " ".join(str(exc).split())}
+                row |= _peak_memory(device)
+            results.append(row)
+            print(json.dumps(row), flush=True)
     return results
 
 

@@ -102,6 +102,7 @@ def test_update_rows(report):
     samples = 8 * plan.prompts  # 7 rollouts + 1 trace per prompt
     seq = plan.prompt_len + plan.response_len
     for row in rows:
+        assert "error" not in row, row
         assert row["samples_per_step"] == samples
         assert row["tokens_per_step"] == samples * seq
         assert row["flops_per_step"] == gpu.train_flops(shape, [seq] * samples)
