@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup chart-venv scanner-venv test lint run compare crd clean
+.PHONY: setup chart-venv scanner-venv test lint run compare crd gpu-deps clean
 
 setup: $(VENV)/.installed
 
@@ -65,5 +65,14 @@ compare: setup
 crd: setup
 	$(BIN)/python -m luffy_operator.cli crd > crds/luffyruns.luffy.dev.yaml
 
+# What benchmarks/gpu.py needs on the GPU machine beyond its own packages (Python 3.12, torch, transformers, pyyaml):
+# pydantic (luffy_trainer.config) for CPython 3.12, unpacked for PYTHONPATH (about 11 MB), at .venv's version; the
+# device command carries it (BENCHMARKS.md "GPU").
+GPU_DEPS ?= benchmarks/.gpu-deps
+gpu-deps:
+	$(BIN)/pip install --quiet --target $(GPU_DEPS) --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --no-warn-conflicts \
+		pydantic==$$($(BIN)/python -c 'import pydantic; print(pydantic.VERSION)')
+
 clean:
-	rm -rf $(VENV) $(VENV312) $(VENVSCAN) mlruns runs outputs checkpoints mlflow.db mlartifacts
+	rm -rf $(VENV) $(VENV312) $(VENVSCAN) $(GPU_DEPS) mlruns runs outputs checkpoints mlflow.db mlartifacts

@@ -43,31 +43,78 @@ def _reset_peak_rss() -> None:
         raise RuntimeError(f"cannot reset the peak RSS counter via /proc/self/clear_refs: {exc}") from None
 
 
-def measure(variant: str, tokens: int, vocab: int, hidden_size: int, chunk_tokens: int) -> dict:
-    """Run one variant in this process and return its peak extra memory and wall time."""
-    import gc
+class PeakMemory:
+    """Extra memory at the high-water mark since `start()`: the CUDA allocator's statistics on a GPU, resident memory
+    (Linux VmHWM - VmRSS) on CPU, where only a fresh process gives a faithful number (freed heap is reused)."""
 
+    def __init__(self, device) -> None:
+        self.device = device
+        self.base = 0
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = _status_kb("VmRSS") * 1024
+            _reset_peak_rss()
+
+    def extra_mb(self) -> float:
+        import torch
+
+        self.sync()
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / MB
+        return (_status_kb("VmHWM") * 1024 - self.base) / MB
+
+
+def measure(
+    variant: str,
+    tokens: int,
+    vocab: int,
+    hidden_size: int,
+    chunk_tokens: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
+    """Run one variant in this process and return its peak extra memory and wall time.
+
+    Inputs and lm_head are in `dtype`; the naive path upcasts its logits to float32 as the chunked one does per chunk.
+    """
     import torch
     from luffy_trainer.logprobs import chunked_head_logprobs
 
+    dev, dt = torch.device(device), getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(tokens, hidden_size, generator=gen).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.02).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), generator=gen)
-    w_logp, w_entropy = torch.randn(tokens, generator=gen), torch.randn(tokens, generator=gen)
-    gc.collect()
-    baseline_kb = _status_kb("VmRSS")
-    _reset_peak_rss()
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(dev, dt).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.02).to(dev, dt).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).to(dev)
+    w_logp, w_entropy = torch.randn(tokens, generator=gen).to(dev), torch.randn(tokens, generator=gen).to(dev)
+    peak = PeakMemory(dev)
+    peak.start()
     start = time.perf_counter()
     if variant == "naive":
-        log_probs = torch.log_softmax(hidden @ weight.T, dim=-1)
+        log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
         logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     else:
         logp, entropy = chunked_head_logprobs(hidden, weight, None, targets, chunk_tokens=chunk_tokens)
     (w_logp * logp + w_entropy * entropy).sum().backward()
+    peak.sync()
     seconds = time.perf_counter() - start
-    peak_mb = (_status_kb("VmHWM") - baseline_kb) * 1024 / MB
+    peak_mb = peak.extra_mb()
     assert weight.grad is not None and hidden.grad is not None
     return {
         "variant": variant,
@@ -78,8 +125,9 @@ def measure(variant: str, tokens: int, vocab: int, hidden_size: int, chunk_token
     }
 
 
-def run_isolated(variant: str, args: argparse.Namespace, chunk_tokens: int = 0) -> dict:
-    sizes = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk": chunk_tokens}
+def run_isolated(variant: str, tokens: int, vocab: int, hidden: int, chunk_tokens: int = 0) -> dict:
+    """`measure` on CPU in a fresh process, so that its peak resident memory is its own."""
+    sizes = {"tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk_tokens}
     cmd = [sys.executable, __file__, "--child", variant, *(f"--{k}={v}" for k, v in sizes.items())]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -100,7 +148,8 @@ def main() -> int:
 
     import torch
 
-    results = [run_isolated("naive", args)] + [run_isolated("chunked", args, c) for c in args.chunks]
+    sizes = (args.tokens, args.vocab, args.hidden)
+    results = [run_isolated("naive", *sizes)] + [run_isolated("chunked", *sizes, c) for c in args.chunks]
     naive = results[0]
     grad_mb = naive["weight_grad_mb"]
     threads = torch.get_num_threads()

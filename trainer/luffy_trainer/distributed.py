@@ -75,7 +75,11 @@ def shard_model(model: nn.Module, layers: list[nn.Module], world: World, param_d
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device_of(world).type, (world.world_size,))
+    device_type = device_of(world).type
+    if not dist.is_initialized():  # one GPU without torchrun: FSDP2's device mesh still needs a process group
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device_type, (world.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)

@@ -83,6 +83,14 @@ def build_policy(config: TrainConfig, world: World, device: torch.device):
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=load_dtype, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.path {cfg.path}: cannot load its weights: {one_line(exc)}") from None
+    return tokenizer, prepare_policy(lm, cfg, world, device, sharded=sharded)
+
+
+def prepare_policy(lm: nn.Module, cfg: ModelConfig, world: World, device: torch.device, *, sharded: bool):
+    """A loaded causal LM made trainable: checkpointing as configured, on `device`, FSDP2-sharded if `sharded`.
+
+    Apart from `build_policy` so that benchmarks/gpu.py can train models it builds in memory with random weights.
+    """
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -91,7 +99,7 @@ def build_policy(config: TrainConfig, world: World, device: torch.device):
         param_dtype = TORCH_DTYPES[cfg.dtype] if device.type == "cuda" else None
         shard_model(policy, policy.transformer_layers, world, param_dtype)
     policy.train()
-    return tokenizer, policy
+    return policy
 
 
 def build_optimizer(policy: nn.Module, config: TrainConfig):
@@ -166,6 +174,27 @@ class PolicyUpdater:
         with torch.set_grad_enabled(grad):
             return self.policy(batch, temperature=self.temperature, with_entropy=grad)
 
+    def backward(
+        self, batch: TensorBatch, batch_old: torch.Tensor | None, totals: MiniBatchTotals
+    ) -> dict[str, torch.Tensor]:
+        """Accumulate one micro-batch's gradient of the mini-batch objective; returns its metrics (`loss` among them).
+
+        A method of its own so that benchmarks/gpu.py can compare one micro-batch's loss and gradients across devices.
+        """
+        logp, entropy = self._forward(batch, grad=True)
+        loss, metrics = micro_batch_loss(
+            batch,
+            logp,
+            logp.detach() if batch_old is None else batch_old,
+            entropy,
+            self.config.algorithm,
+            self.config.norm_length,
+            totals,
+            self.world.world_size,
+        )
+        (loss * self.world.world_size).backward()
+        return metrics
+
     def optimize(self, samples: list[Sample]) -> dict[str, float]:
         """One optimizer step per mini-batch; returns metrics averaged over the steps (the same on every rank)."""
         opt = self.config.optimization
@@ -181,19 +210,7 @@ class PolicyUpdater:
             totals = self._totals(batches)
             acc = MetricAccumulator()
             for batch, batch_old in zip(batches, batches_old, strict=True):
-                logp, entropy = self._forward(batch, grad=True)
-                loss, metrics = micro_batch_loss(
-                    batch,
-                    logp,
-                    logp.detach() if batch_old is None else batch_old,
-                    entropy,
-                    self.config.algorithm,
-                    self.config.norm_length,
-                    totals,
-                    self.world.world_size,
-                )
-                (loss * self.world.world_size).backward()
-                acc.add(metrics)
+                acc.add(self.backward(batch, batch_old, totals))
             stats = acc.result(self.world, self.device)
             stats["grad_norm"] = self._clip_gradients()
             stats["lr"] = self.scheduler.get_last_lr()[0]
