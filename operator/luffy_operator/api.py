@@ -434,12 +434,24 @@ class FailurePolicy(Section):
 CleanupAction = Literal["Keep", "Delete"]
 
 
+MAX_LIFETIME_SECONDS = 366 * 24 * 3600  # a bound on the run's deadline and cleanup delay: a year
+
+
 class CleanupPolicy(Section):
     """What happens to the workloads of a finished run. The rollout is scaled to zero either way; `Delete` also
     removes the trainer Job, the StatefulSet, Services, NetworkPolicies and RBAC (the ConfigMap and PVC stay)."""
 
     on_success: CleanupAction = Field("Keep", description="After the trainer succeeded.")
     on_failure: CleanupAction = Field("Keep", description="After the run failed (pods kept for their logs).")
+    delay_seconds: int = Field(
+        0,
+        ge=0,
+        le=MAX_LIFETIME_SECONDS,
+        description=(
+            "Seconds after completionTime before a `Delete` runs (the trainer's pods stay that long for their logs); "
+            "the operator enforces it, as a Job's ttlSecondsAfterFinished would."
+        ),
+    )
 
 
 class SchedulingSpec(Section):
@@ -494,6 +506,15 @@ class LuffyRunSpec(Section):
     mlflow: MlflowSpec | None = Field(None, description="MLflow tracking; without it metrics stay inside the pod.")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy)
     cleanup: CleanupPolicy = Field(default_factory=CleanupPolicy)
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_LIFETIME_SECONDS,
+        description=(
+            "Seconds after its creation the run may take, restarts and suspensions included; past it the trainer is "
+            "stopped and the run fails (reason DeadlineExceeded)."
+        ),
+    )
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     model_cache: ModelCacheSpec = Field(default_factory=ModelCacheSpec)
     data_volume: DataVolumeSpec | None = Field(None, description="Existing PVC with training data or model weights.")
@@ -560,19 +581,39 @@ Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "F
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
+# metav1.Condition's limits (KEP-1623), so `kubectl` and generic tooling read the conditions as they read built-in ones.
+MAX_CONDITIONS = 16
+MAX_CONDITION_MESSAGE = 32768
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+
+
 class Condition(Section):
-    """One aspect of the run's state (metav1.Condition shape)."""
+    """One aspect of the run's state, in the metav1.Condition schema."""
 
     type: str = Field(
+        max_length=316,
+        pattern=CONDITION_TYPE_PATTERN,
         description=(
             "SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed."
-        )
+        ),
     )
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
-    reason: str = Field(description="CamelCase reason of the last transition.")
-    message: str = Field("", description="Human-readable detail.")
-    last_transition_time: str = Field(description="When status or reason last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="metadata.generation this condition was computed at.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=CONDITION_REASON_PATTERN,
+        description="CamelCase reason of the last transition.",
+    )
+    message: str = Field("", max_length=MAX_CONDITION_MESSAGE, description="Human-readable detail.")
+    last_transition_time: str = Field(
+        json_schema_extra={"format": "date-time"}, description="When status or reason last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="metadata.generation this condition was computed at."
+    )
 
 
 class RolloutStatus(Section):
@@ -610,8 +651,19 @@ class LuffyRunStatus(Section):
     reason: str | None = Field(None, description="Why the run is in this phase (CamelCase).")
     message: str | None = Field(None, description="Human-readable detail of the phase.")
     observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
-    conditions: list[Condition] = Field(default_factory=list, description="Conditions, one per type.")
-    restarts: int = Field(0, description="Trainer restarts so far (counted in the operator's record annotation).")
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=MAX_CONDITIONS, description="Conditions, one per type."
+    )
+    restarts: int = Field(
+        0, description="Trainer restarts after failures so far, toward maxRestarts (counted in the operator's record)."
+    )
+    disruptions: int = Field(
+        0,
+        description=(
+            "Trainer restarts after disruptions (preemption, node drain: the DisruptionTarget pod condition), not "
+            "counted toward maxRestarts."
+        ),
+    )
     rollout: RolloutStatus = Field(default_factory=RolloutStatus)
     trainer: TrainerStatus = Field(default_factory=TrainerStatus)
     progress: ProgressStatus | None = Field(

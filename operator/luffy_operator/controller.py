@@ -8,6 +8,7 @@ classified (`classify`) into the outcome's failure, which the handler turns into
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import secrets
 import urllib.parse
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from luffy_trainer.contract import PROGRESS_KEY, progress_config_map
+from luffy_trainer.contract import API_VERSION, KIND, PROGRESS_KEY, progress_config_map
 
 from luffy_operator import manifests
 from luffy_operator.api import LuffyRunSpec
@@ -23,7 +24,9 @@ from luffy_operator.kube import ApiError, KubeClient, ObjectKey
 from luffy_operator.manifests import RunRef
 from luffy_operator.mlflow_rest import MlflowCredentials, MlflowError, MlflowRestClient
 from luffy_operator.reconcile import (
+    ACCEPTED_SPEC_ANNOTATION,
     MLFLOW_DELEGATED,
+    RECORD_ANNOTATION,
     Event,
     Failure,
     JobView,
@@ -60,6 +63,37 @@ class Outcome:
     events: list[Event] = field(default_factory=list)
     failure: Failure | None = None
     retry_in: float | None = None
+
+
+def annotation_values(outcome: Outcome) -> dict[str, str]:
+    """The accepted-spec and record annotations an outcome sets (compact JSON)."""
+    values = ((ACCEPTED_SPEC_ANNOTATION, outcome.accepted), (RECORD_ANNOTATION, outcome.record))
+    return {k: json.dumps(v, sort_keys=True, separators=(",", ":")) for k, v in values if v is not None}
+
+
+def event_manifest(body: Any, event: Event, now: str) -> dict[str, Any]:
+    """A core v1 Event about a LuffyRun, as kopf posts them (message cut at 1 KiB)."""
+    md = body["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{md['name']}.{secrets.token_hex(8)}", "namespace": md["namespace"]},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion", API_VERSION),
+            "kind": body.get("kind", KIND),
+            "name": md["name"],
+            "namespace": md["namespace"],
+            "uid": md["uid"],
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:MAX_FAILURE_MESSAGE],
+        "source": {"component": manifests.MANAGER},
+        "reportingComponent": manifests.MANAGER,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 def classify(exc: BaseException, what: str = "") -> Failure:
@@ -220,6 +254,18 @@ class Controller:
             f"spec.mlflow.credentialsSecret {m.credentials_secret.name}, and the operator neither looks up the "
             f"registered model version nor marks the MLflow run failed; {how}"
         )
+
+    def write(self, body: Any, outcome: Outcome) -> None:
+        """Write an outcome outside a kopf handler (the resync loop): what kopf's patch and kopf.event would do."""
+        md = body["metadata"]
+        key = ObjectKey(body.get("apiVersion", API_VERSION), body.get("kind", KIND), md["namespace"], md["name"])
+        if outcome.status is not None:
+            self.kube.patch(key, {"status": outcome.status}, subresource="status")
+        annotations = annotation_values(outcome)
+        if annotations:
+            self.kube.patch(key, {"metadata": {"annotations": annotations}})
+        for event in outcome.events:
+            self.kube.create(event_manifest(body, event, self.clock()))
 
     # --- acting -----------------------------------------------------------------------------------------------------
 

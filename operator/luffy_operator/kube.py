@@ -25,6 +25,7 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+    ("v1", "Event"): "events",
     (API_VERSION, KIND): PLURAL,
 }
 
@@ -111,9 +112,10 @@ class KubeClient:
             raise
         return True
 
-    def patch(self, key: ObjectKey, patch: dict[str, Any]) -> dict[str, Any]:
+    def patch(self, key: ObjectKey, patch: dict[str, Any], subresource: str = "") -> dict[str, Any]:
         """JSON merge patch (RFC 7386): dicts merge, lists and scalars replace, None deletes."""
-        return self._call("PATCH", key.path(), patch, "application/merge-patch+json")
+        path = f"{key.path()}/{subresource}" if subresource else key.path()
+        return self._call("PATCH", path, patch, "application/merge-patch+json")
 
     def delete(self, key: ObjectKey, propagation: str = "Background") -> bool:
         """Delete with the given propagation policy; False if it was already gone."""

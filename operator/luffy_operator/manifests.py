@@ -54,6 +54,18 @@ ATTEMPT_ANNOTATION = "luffy.dev/attempt"
 # restarting the trainer when rollout.replicas changes. The trainer reads nothing from it.
 ROLLOUT_REPLICAS_ANNOTATION = "luffy.dev/rollout-replicas"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The restarts counted toward maxRestarts when a trainer Job was made (its attempt minus them: the disruptions before
+# it): the operator's floor for both counters, set by the operator only (the trainer cannot write Jobs).
+RESTARTS_ANNOTATION = "luffy.dev/restarts"
+# The trainer Job's podFailurePolicy rule for disrupted pods (preemption, node drain, node loss: the kubelet or a
+# controller sets the DisruptionTarget condition). FailJob, not Ignore: a lone replacement pod cannot rejoin the other
+# ranks' NCCL group, so the whole gang stops at once and the Job's Failed condition (reason PodFailurePolicy) names
+# this rule's index; the operator then restarts the trainer from its checkpoint without counting a failure. No rule
+# on exit codes: torchrun exits 1 for any failed worker, so the code tells nothing apart.
+DISRUPTION_RULE = 0
+POD_FAILURE_POLICY = {
+    "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}],
+}
 
 CONFIG_FILE = "config.yaml"
 HF_HOME = f"{MODEL_CACHE_MOUNT}/huggingface"
@@ -529,9 +541,20 @@ def trainer_env(run: RunRef, spec: LuffyRunSpec, mlflow_run_id: str | None) -> l
     return env + _user_env(t.env)
 
 
-def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: str | None) -> Manifest:
-    """The trainer gang: any failed pod fails the whole Job (backoffLimit 0); the operator then restarts it from the
-    checkpoint, counting restarts in its record on the LuffyRun's metadata so the budget survives Job re-creation."""
+def trainer_job(
+    run: RunRef,
+    spec: LuffyRunSpec,
+    attempt: int,
+    mlflow_run_id: str | None,
+    *,
+    restarts: int | None = None,
+    deadline_seconds: int | None = None,
+) -> Manifest:
+    """The trainer gang: any failed pod fails the whole Job (backoffLimit 0, a disruption by POD_FAILURE_POLICY); the
+    operator then restarts it from the checkpoint, counting restarts (not disruptions) in its record on the LuffyRun's
+    metadata so the budget survives Job re-creation. `restarts`: those counted so far (default `attempt`, no
+    disruption before); `deadline_seconds`: what is left of spec.activeDeadlineSeconds, so the Job controller stops
+    the pods itself when the run's deadline passes."""
     t = spec.trainer
     ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     ports += [
@@ -572,8 +595,10 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
     }
     annotations = {
         ATTEMPT_ANNOTATION: str(attempt),
+        RESTARTS_ANNOTATION: str(attempt if restarts is None else restarts),
         ROLLOUT_REPLICAS_ANNOTATION: str(spec.rollout.replicas if spec.uses_rollouts else 0),
     }
+    deadline = {} if deadline_seconds is None else {"activeDeadlineSeconds": deadline_seconds}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -586,6 +611,9 @@ def trainer_job(run: RunRef, spec: LuffyRunSpec, attempt: int, mlflow_run_id: st
             "completions": t.nodes,
             "parallelism": t.nodes,
             "backoffLimit": 0,
+            "podFailurePolicy": copy.deepcopy(POD_FAILURE_POLICY),
+            "podReplacementPolicy": "Failed",  # required with a podFailurePolicy
+            **deadline,
             # Kueue admits a queued Job by un-suspending it.
             "suspend": spec.scheduling.queue_name is not None,
             "template": {

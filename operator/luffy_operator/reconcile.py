@@ -1,10 +1,11 @@
 """The operator's decisions: a pure function from (the LuffyRun, what was observed) to a plan and the new status.
 
 Level-based: every call looks at the current trainer Job, rollout StatefulSet and MLflow state and decides the next
-step, so running it twice, concurrently (a handler and the timer) or after an operator restart does no harm. Creating
-an existing child is a no-op, and a trainer failure is counted once because every Job carries its attempt number:
-a failed Job whose attempt equals the recorded restarts is counted (restarts + 1); one with a smaller attempt has been
-counted and is deleted; with no Job, a new one is created with attempt = restarts.
+step, so running it twice, concurrently (a handler and the resync loop) or after an operator restart does no harm.
+Creating an existing child is a no-op, and a trainer failure or disruption is counted once because every Job carries
+its attempt number: the next attempt is restarts + disruptions, so a failed Job whose attempt equals it is counted (a
+disruption in `disruptions`, any other failure in `restarts`); one with a smaller attempt has been counted and is
+deleted; with no Job, a new one is created with the next attempt.
 
 What the decisions read back is the operator's record (RECORD_ANNOTATION, on the LuffyRun's metadata, which a writer of
 the status subresource cannot change), never the status: the status is a cache rebuilt on every pass, and a forged
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 
 from luffy_operator import manifests
 from luffy_operator.api import (
+    MAX_CONDITION_MESSAGE,
     TERMINAL_PHASES,
     Condition,
     LuffyRunSpec,
@@ -52,6 +54,7 @@ RECORD_FIELDS = (
     "reason",
     "message",
     "restarts",
+    "disruptions",
     "mlflow",
     "progress",
     "startTime",
@@ -75,6 +78,7 @@ class RunView:
     status: dict[str, Any]  # a cache: only its conditions' transition times are read
     accepted_spec: dict[str, Any] | None
     record: dict[str, Any] = field(default_factory=dict)
+    created: str | None = None  # metadata.creationTimestamp: spec.activeDeadlineSeconds counts from it
 
     @classmethod
     def from_body(cls, body: Any) -> RunView:
@@ -92,6 +96,7 @@ class RunView:
             status=status,
             accepted_spec=accepted or None,
             record=record,
+            created=md.get("creationTimestamp"),
         )
 
 
@@ -117,6 +122,7 @@ class JobView:
     """The trainer Job, as far as decisions need it."""
 
     attempt: int
+    restarts: int  # counted toward maxRestarts when the Job was made; attempt - restarts disruptions came before
     rollout_replicas: int
     complete: bool
     failed: bool
@@ -127,6 +133,12 @@ class JobView:
     failed_pods: int
     terminating: bool
     suspended: bool
+    disrupted: bool = False  # failed by the disruption rule of its podFailurePolicy (the Job controller says so)
+    deadline_exceeded: bool = False  # failed by its activeDeadlineSeconds: the run's deadline
+
+    @property
+    def running(self) -> bool:
+        return not (self.complete or self.failed or self.terminating)
 
     @classmethod
     def of(cls, job: dict[str, Any]) -> JobView:
@@ -134,8 +146,10 @@ class JobView:
         annotations = md.get("annotations") or {}
         conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
         failed = conditions.get("Failed", {})
+        attempt = int(annotations.get(manifests.ATTEMPT_ANNOTATION, 0))
         return cls(
-            attempt=int(annotations.get(manifests.ATTEMPT_ANNOTATION, 0)),
+            attempt=attempt,
+            restarts=int(annotations.get(manifests.RESTARTS_ANNOTATION, attempt)),  # older Jobs: every one counted
             rollout_replicas=int(annotations.get(manifests.ROLLOUT_REPLICAS_ANNOTATION, 0)),
             complete="Complete" in conditions,
             failed=bool(failed),
@@ -146,7 +160,29 @@ class JobView:
             failed_pods=int(status.get("failed") or 0),
             terminating=bool(md.get("deletionTimestamp")),
             suspended=bool((job.get("spec") or {}).get("suspend")),
+            disrupted=bool(failed) and is_disruption(failed),
+            deadline_exceeded=failed.get("reason") == "DeadlineExceeded",
         )
+
+
+def is_disruption(failed: dict[str, Any]) -> bool:
+    """Whether a Job's Failed condition comes from the disruption rule of its podFailurePolicy. The Job controller
+    writes reason PodFailurePolicy and a message ending "... matching FailJob rule at index N"; no workload can."""
+    message = failed.get("message") or ""
+    return failed.get("reason") == "PodFailurePolicy" and message.endswith(f"rule at index {manifests.DISRUPTION_RULE}")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trainer restarts counted toward maxRestarts and those after disruptions (not counted). The next Job's attempt
+    is their sum, so a failed Job whose attempt equals it is a failure not yet counted."""
+
+    restarts: int
+    disruptions: int
+
+    @property
+    def attempt(self) -> int:
+        return self.restarts + self.disruptions
 
 
 @dataclass(frozen=True)
@@ -280,7 +316,7 @@ class StatusBuilder:
             type=type_,
             status=status,
             reason=reason,
-            message=message,
+            message=message[:MAX_CONDITION_MESSAGE],
             last_transition_time=self.now if changed else previous.get("lastTransitionTime", self.now),
             observed_generation=self.generation,
         )
@@ -343,13 +379,14 @@ def plan_run(
     mlflow_run_id = mlflow.run_id if mlflow else None
 
     plan = Plan(status={}, accepted=res.accepted)
-    restarts = _next_phase(run.ref, spec, old, obs, mlflow_run_id, bool(delegated), st, plan, extra_egress)
+    counts = _next_phase(run, spec, old, obs, mlflow_run_id, bool(delegated), st, plan, extra_egress)
     finished = st.status.phase in TERMINAL_PHASES
     desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
     cleanup = spec.cleanup.on_success if st.status.phase == "Succeeded" else spec.cleanup.on_failure
     deleting = finished and cleanup == "Delete"
-    _plan_children(run.ref, spec, obs, desired, deleting, full, plan, extra_egress)
-    _record_status(spec, old, obs, now, desired, deleting, restarts, mlflow, bool(delegated), st)
+    due = not deleting or _cleanup_due(spec, old.get("completionTime") or now, now)  # till then: not finalized
+    _plan_children(run.ref, spec, obs, desired, deleting and due, full, plan, extra_egress)
+    _record_status(spec, old, obs, now, desired, deleting, counts, mlflow, bool(delegated), st)
     progress_attempt = _progress(spec, old, obs, st)
     plan.status = st.build()
     plan.record = _new_record(run.record, plan.status, progressAttempt=progress_attempt)
@@ -378,7 +415,7 @@ def _refused(old: dict[str, Any], res: Resolution, st: StatusBuilder) -> Plan:
 
 
 def _next_phase(
-    ref: RunRef,
+    run: RunView,
     spec: LuffyRunSpec,
     old: dict[str, Any],
     obs: Observed,
@@ -387,45 +424,97 @@ def _next_phase(
     st: StatusBuilder,
     plan: Plan,
     extra_egress: Sequence[dict[str, Any]],
-) -> int:
-    """Set the phase and the trainer actions; returns the restart count (a failure just observed counts). A Job's
-    attempt is a floor for the count: each attempt follows a counted restart."""
-    restarts = max(int(old.get("restarts") or 0), obs.job.attempt if obs.job else 0)
+) -> Counts:
+    """Set the phase and the trainer actions; returns the counts (a failure or disruption just observed counts). A
+    Job's annotations are a floor for them: its attempt followed that many restarts and disruptions."""
+    job = obs.job
+    counts = Counts(
+        restarts=max(int(old.get("restarts") or 0), job.restarts if job else 0),
+        disruptions=max(int(old.get("disruptions") or 0), job.attempt - job.restarts if job else 0),
+    )
     phase = old.get("phase")
+    deadline = _deadline(spec, run.created)
+    expired = deadline is not None and (
+        _time(st.now) >= deadline or (job is not None and job.deadline_exceeded and not job.terminating)
+    )
     if phase in TERMINAL_PHASES:
         st.phase(phase, old.get("reason") or phase, old.get("message") or "")
-    elif obs.job is not None:
-        restarts = _trainer_phase(spec, old, obs.job, restarts, mlflow_run_id, st, plan)
+        plan.delete_job = old.get("reason") == DEADLINE_EXCEEDED and job is not None and job.running
+    elif expired and not (job is not None and job.complete and not job.terminating):
+        assert spec.active_deadline_seconds is not None
+        st.phase(
+            "Failed",
+            DEADLINE_EXCEEDED,
+            f"the run passed spec.activeDeadlineSeconds ({spec.active_deadline_seconds}s after its creation at "
+            f"{run.created}); the trainer is stopped",
+        )
+        plan.delete_job = job is not None and job.running
+        plan.fail_mlflow_run = mlflow_run_id
+    elif job is not None:
+        counts = _trainer_phase(spec, old, job, counts, mlflow_run_id, st, plan)
     else:
-        _admission_phase(ref, spec, obs, mlflow_run_id, mlflow_delegated, restarts, st, plan, extra_egress)
-    return restarts
+        left = None if deadline is None else max(1, math.ceil((deadline - _time(st.now)).total_seconds()))
+        _admission_phase(run.ref, spec, obs, mlflow_run_id, mlflow_delegated, counts, left, st, plan, extra_egress)
+    return counts
+
+
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+def _time(value: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _deadline(spec: LuffyRunSpec, created: str | None) -> datetime.datetime | None:
+    """When the run must have finished: spec.activeDeadlineSeconds after its creation (restarts, disruptions and
+    suspensions included: the deadline is the run's, not one Job's)."""
+    if spec.active_deadline_seconds is None or not created:
+        return None
+    return _time(created) + datetime.timedelta(seconds=spec.active_deadline_seconds)
+
+
+def _cleanup_due(spec: LuffyRunSpec, completion_time: str, now: str) -> bool:
+    """Whether a finished run's `Delete` cleanup may run: spec.cleanup.delaySeconds after its completion."""
+    delay = spec.cleanup.delay_seconds
+    return delay == 0 or _time(now) >= _time(completion_time) + datetime.timedelta(seconds=delay)
 
 
 def _trainer_phase(
     spec: LuffyRunSpec,
     old: dict[str, Any],
     job: JobView,
-    restarts: int,
+    counts: Counts,
     mlflow_run_id: str | None,
     st: StatusBuilder,
     plan: Plan,
-) -> int:
-    """The trainer Job exists: it finished, failed (restart or give up), is going away, or runs (stop it on suspend or
-    a rescaled rollout). Returns the restart count."""
+) -> Counts:
+    """The trainer Job exists: it finished, failed (restart or give up), was disrupted (restart uncounted), is going
+    away, or runs (stop it on suspend or a rescaled rollout). Returns the counts."""
     max_restarts = spec.failure_policy.max_restarts
     nodes = spec.trainer.nodes
+    restarts = counts.restarts
+    fresh = job.attempt >= counts.attempt  # its end is not counted yet
     if job.complete and not job.terminating:
         st.phase("Succeeded", "TrainerSucceeded", f"trainer attempt {job.attempt} completed")
+    elif job.failed and not job.terminating and fresh and job.disrupted:
+        counts = Counts(restarts, counts.disruptions + 1)
+        st.phase(
+            "Restarting",
+            "TrainerDisrupted",
+            f"trainer attempt {job.attempt} was disrupted ({job.failure}); restarting from the latest checkpoint, "
+            f"not counted toward maxRestarts ({counts.disruptions} disruptions so far)",
+        )
     elif job.failed and not job.terminating:
-        if job.attempt >= restarts and restarts >= max_restarts:
+        if fresh and restarts >= max_restarts:
             st.phase(
                 "Failed",
                 "MaxRestartsExceeded",
                 f"trainer attempt {job.attempt} failed ({job.failure}) after {restarts} of {max_restarts} restarts",
             )
             plan.fail_mlflow_run = mlflow_run_id
-        elif job.attempt >= restarts:
-            restarts = job.attempt + 1
+        elif fresh:
+            restarts += 1
+            counts = Counts(restarts, counts.disruptions)
             st.phase(
                 "Restarting",
                 "TrainerFailed",
@@ -455,7 +544,7 @@ def _trainer_phase(
         st.phase("Running", "TrainerRunning", f"{job.ready}/{nodes} trainer pods ready")
     else:
         st.phase("Pending", "TrainerStarting", f"{job.ready}/{nodes} trainer pods ready")
-    return restarts
+    return counts
 
 
 def _admission_phase(
@@ -464,7 +553,8 @@ def _admission_phase(
     obs: Observed,
     mlflow_run_id: str | None,
     mlflow_delegated: bool,
-    restarts: int,
+    counts: Counts,
+    deadline_seconds: int | None,
     st: StatusBuilder,
     plan: Plan,
     extra_egress: Sequence[dict[str, Any]],
@@ -481,8 +571,10 @@ def _admission_phase(
         st.phase("Pending", "WaitingForRollout", f"{ready}/{spec.rollout.replicas} rollout replicas ready")
     else:
         plan.ensure = manifests.supporting_children(ref, spec, extra_egress)
-        plan.create_job = manifests.trainer_job(ref, spec, restarts, mlflow_run_id)
-        st.phase("Pending", "TrainerStarting", f"creating the trainer Job (attempt {restarts})")
+        plan.create_job = manifests.trainer_job(
+            ref, spec, counts.attempt, mlflow_run_id, restarts=counts.restarts, deadline_seconds=deadline_seconds
+        )
+        st.phase("Pending", "TrainerStarting", f"creating the trainer Job (attempt {counts.attempt})")
 
 
 def _plan_children(
@@ -516,7 +608,7 @@ def _record_status(
     now: str,
     desired: int,
     deleting: bool,
-    restarts: int,
+    counts: Counts,
     mlflow: MlflowStatus | None,
     mlflow_delegated: bool,
     st: StatusBuilder,
@@ -538,10 +630,10 @@ def _record_status(
     if finished:
         st.condition(status.phase, True, status.reason, status.message)
 
-    status.restarts = restarts
+    status.restarts, status.disruptions = counts.restarts, counts.disruptions
     status.rollout = RolloutStatus(desired=desired, ready=ready)
     status.trainer = TrainerStatus(
-        attempt=job.attempt if job else restarts,
+        attempt=job.attempt if job else counts.attempt,
         active=job.active if job else 0,
         ready=job.ready if job else 0,
         succeeded=job.succeeded if job else 0,
@@ -674,7 +766,7 @@ class Failure:
 
 def reconciled(run: RunView, plan: Plan | None, now: str, failure: Failure | None) -> Plan:
     """The pass's plan (or, when planning raised, one that keeps the cached conditions) with the Reconciled condition,
-    a Warning Event for a failure, and a permanent failure's generation in the record (which stops the timer)."""
+    a Warning Event for a failure, and a permanent failure's generation in the record (which stops the resync loop)."""
     if plan is None:
         plan = Plan(status={"conditions": run.status.get("conditions") or []}, record=dict(run.record))
     st = StatusBuilder(run.status, now, run.generation)
