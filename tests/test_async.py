@@ -252,5 +252,6 @@ def test_resume_with_a_smaller_bound_than_the_checkpoint_is_refused(tiny_run_con
 
     smaller = config.model_copy(deep=True)
     smaller.rollout.max_staleness = 0
-    with pytest.raises(ConfigError, match=r"rollout.maxStaleness: the checkpoint at step 1 was saved with 1 batch\(es\) generated ahead"):
+    refused = r"rollout.maxStaleness: the checkpoint at step 1 was saved with 1 batch\(es\) generated ahead"
+    with pytest.raises(ConfigError, match=refused):
         LuffyTrainer(smaller, workdir=tmp_path).setup()
