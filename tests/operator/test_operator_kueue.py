@@ -7,6 +7,7 @@ as Kueue's scheduler and controllers would. No real Kueue and no scheduler run h
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from luffy_operator import kueue
 from luffy_operator.api import parse_spec
 from luffy_operator.manifests import RunRef, rollout_statefulset, trainer_job
 from luffyrun_samples import valid_run
-from operator_harness import JOBS, RUNS, STATEFULSETS, Cluster, InProcessOperator, wait_for
+from operator_harness import JOBS, RUNS, STATEFULSETS, Cluster, InProcessOperator, kubectl, wait_for
 
 REF = RunRef("demo", "team-a", "uid-1")
 # --- the pure functions ---------------------------------------------------------------------------------------------
@@ -80,6 +81,28 @@ def test_placement_unites_the_flavors_and_the_admission_checks_updates() -> None
         kueue.placement(kueue.WorkloadView.of(obj), "trainer", {"cpu-pool": flavors["cpu-pool"]})
 
 
+def test_a_topology_assignment_gates_the_pods_for_kueues_ungater() -> None:
+    obj = {
+        "metadata": {"name": "demo-workload"},
+        "spec": {"podSets": [{"name": "trainer", "count": 1}]},
+        "status": {
+            "admission": {
+                "podSetAssignments": [
+                    {"name": "trainer", "flavors": {}, "topologyAssignment": {"levels": ["rack"], "domains": []}}
+                ]
+            }
+        },
+    }
+    spec = queued_spec(nodeSelector={"pool": "gpu"})
+    job = kueue.placed(trainer_job(REF, spec, 0, None), kueue.placement(kueue.WorkloadView.of(obj), "trainer", {}))
+    template = job["spec"]["template"]
+    assert template["spec"]["schedulingGates"] == [{"name": "kueue.x-k8s.io/topology"}]
+    assert template["metadata"]["annotations"]["kueue.x-k8s.io/workload"] == "demo-workload"
+    assert template["metadata"]["annotations"]["luffy.dev/attempt"] == "0"  # the operator's own kept
+    assert template["metadata"]["labels"]["kueue.x-k8s.io/podset"] == "trainer"
+    assert template["spec"]["nodeSelector"] == {"pool": "gpu"}  # the spec's own selector kept
+
+
 def test_release_after_eviction_clears_the_admission_and_requeues() -> None:
     obj = {
         "metadata": {"name": "w", "generation": 2},
@@ -109,7 +132,7 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
     return obj["spec"]["template"]["spec"]
 
 
-def test_gang_admission_eviction_and_readmission(cluster: Cluster, operator: InProcessOperator) -> None:
+def test_gang_admission_eviction_and_readmission(cluster: Cluster, operator: InProcessOperator, tmp_path: Path) -> None:
     api = cluster.api
     api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd("Workload", "workloads", "Namespaced"))
     api.create(
@@ -131,6 +154,8 @@ def test_gang_admission_eviction_and_readmission(cluster: Cluster, operator: InP
     assert wl["spec"]["priority"] == 500
     status = wait_for("Queued", lambda: (s := cluster.status("gang")).get("phase") == "Queued" and s)
     assert status["reason"] == "Pending"
+    # kubectl get lr: the Phase printer column (the emulator serves no server-side tables, so read its jsonPath).
+    assert kubectl(cluster, tmp_path / "kube-cache", "get", "lr", "gang", "-o", "jsonpath={.status.phase}") == "Queued"
     assert api.get(f"{STATEFULSETS}/gang-rollout") is None and api.get(f"{JOBS}/gang-trainer") is None
 
     # Kueue reserves quota and admits: both roles start with the flavors' placement.
