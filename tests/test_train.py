@@ -1,12 +1,14 @@
 """`luffy train` end to end on the tiny model with real vLLM and a real MLflow server on 127.0.0.1.
 
 Covers: params, step metrics and the logged model; SIGKILL after a checkpoint then restart (same MLflow run, next
-step, no duplicated steps); a tracking server that is down for part of a run (no metric lost); each algorithm mode.
+step, no duplicated steps); SIGTERM mid-run (a checkpoint of the step it stopped at, then resume); a tracking server
+that is down for part of a run (no metric lost); each algorithm mode.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from docs_metrics import compare
+from luffy_trainer import contract, preemption
+from luffy_trainer.checkpoint import CheckpointManager
 from luffy_trainer.config import parse_config
 from luffy_trainer.tracking import STEP_MARKER
 from luffy_trainer.train import LuffyTrainer
@@ -149,6 +153,57 @@ def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
     assert _history_steps(client, run_id, STEP_MARKER) == list(range(1, 13))
     assert _history_steps(client, run_id, "reward/mean") == list(range(1, 13))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_a_resumed_run_continues_from_it(
+    tiny_run_config, task_dir, tmp_path, mlflow_server
+):
+    """What a trainer pod does when Kueue evicts it (or a node drains): SIGTERM to the training process, as torchrun
+    forwards it; the trainer finishes its step, checkpoints it, exits PREEMPTED_EXIT_CODE and leaves its MLflow run
+    KILLED, not FAILED; the next attempt resumes from that checkpoint."""
+    config = tiny_run_config(
+        task_dir,
+        optimization={"totalSteps": 10},
+        checkpoint={"everySteps": 3},
+        tracking={"trackingUri": mlflow_server.uri, "logModel": False},
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ckpt = tmp_path / "ckpt"
+
+    first = _train_process(path, _env())
+    _wait_for(ckpt / "step_000003" / "trainer_state.pt", first, timeout_s=300)
+    os.kill(first.pid, signal.SIGTERM)
+    output = first.communicate(timeout=300)[0].decode()
+    assert first.returncode == contract.PREEMPTED_EXIT_CODE, output[-4000:]
+    stopped = int(re.search(r"stopped on SIGTERM after step (\d+)", output).group(1))
+    assert 3 <= stopped < 10
+    assert CheckpointManager(ckpt, keep_last=100).latest() == ckpt / f"step_{stopped:06d}"
+    assert (ckpt / f"step_{stopped:06d}" / "trainer_state.pt").is_file()
+
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("train-tests").experiment_id],
+        filter_string=f"params.`checkpoint.dir` = '{ckpt}'",
+    )
+    assert run.info.status == "KILLED"
+    assert _history_steps(client, run.info.run_id, STEP_MARKER) == list(range(1, stopped + 1))
+
+    second = _train_process(path, _env())
+    output = second.communicate(timeout=600)[0].decode()
+    assert second.returncode == 0, output[-4000:]
+    assert f"resumed from {ckpt / f'step_{stopped:06d}'}" in output
+    assert _history_steps(client, run.info.run_id, STEP_MARKER) == list(range(1, 11))
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_stop_saves_the_step_unless_it_was_just_saved() -> None:
+    saved: list[int] = []
+    with pytest.raises(preemption.Preempted, match="after step 4"):
+        preemption.stop_at(4, False, saved.append)
+    with pytest.raises(preemption.Preempted):
+        preemption.stop_at(6, True, saved.append)
+    assert saved == [4]
 
 
 def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_run_config, task_dir, tmp_path):

@@ -370,6 +370,15 @@ class TrainerSpec(Section):
         le=65000,
         description="First port of the weight-sync groups on trainer rank 0 (one per rollout replica).",
     )
+    termination_grace_period_seconds: int = Field(
+        300,
+        ge=1,
+        le=86400,
+        description=(
+            "How long a trainer pod told to stop (SIGTERM: eviction by Kueue, a drain, a deletion) may take to save "
+            "its checkpoint before it is killed."
+        ),
+    )
 
 
 class CheckpointSpec(CheckpointSchedule):
@@ -461,7 +470,11 @@ class SchedulingSpec(Section):
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerated taints.")
     priority_class_name: K8sName | None = Field(None, description="PriorityClass of the pods.")
     queue_name: QueueName | None = Field(
-        None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."
+        None,
+        description=(
+            "Kueue LocalQueue: the run is admitted as one Workload (rollout and trainer pods together) and its pods "
+            "start only once Kueue admits it."
+        ),
     )
     gpu_resource_name: QualifiedName = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
 
@@ -577,7 +590,7 @@ class LuffyRunSpec(Section):
 
 # --- status ---------------------------------------------------------------------------------------------------------
 
-Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
@@ -597,7 +610,8 @@ class Condition(Section):
         max_length=316,
         pattern=CONDITION_TYPE_PATTERN,
         description=(
-            "SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed."
+            "SpecAccepted, MlflowReady, RolloutReady, TrainerRunning, Suspended, Reconciled, Succeeded or Failed; "
+            "with a Kueue queue also QuotaReserved, Admitted and Evicted, as the run's Workload has them."
         ),
     )
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")

@@ -13,12 +13,12 @@ import logging
 import secrets
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from luffy_trainer.contract import API_VERSION, KIND, PROGRESS_KEY, progress_config_map
 
-from luffy_operator import manifests
+from luffy_operator import kueue, manifests
 from luffy_operator.api import LuffyRunSpec
 from luffy_operator.kube import ApiError, KubeClient, ObjectKey
 from luffy_operator.manifests import RunRef
@@ -103,7 +103,7 @@ def classify(exc: BaseException, what: str = "") -> Failure:
         transient = exc.status == 0 or exc.status in (409, 429) or exc.status >= 500
         detail = str(exc)
     else:
-        transient = isinstance(exc, MlflowError | ConnectionError | TimeoutError)
+        transient = isinstance(exc, MlflowError | ConnectionError | TimeoutError | kueue.PlacementError)
         detail = f"{type(exc).__name__}: {exc}"
     return Failure(permanent=not transient, message=f"{what}: {detail}" if what else detail)
 
@@ -170,7 +170,25 @@ class Controller:
             cm = self.kube.get(ObjectKey("v1", "ConfigMap", ref.namespace, progress_config_map(ref.name)))
             raw = ((cm or {}).get("data") or {}).get(PROGRESS_KEY)
             progress = raw if isinstance(raw, str) else None
-        return Observed(job=job, rollout=rollout, mlflow=self.observe_mlflow(run, spec, job), progress=progress)
+        observed = Observed(job=job, rollout=rollout, mlflow=self.observe_mlflow(run, spec, job), progress=progress)
+        return self.observe_kueue(ref, spec, observed) if spec.scheduling.queue_name else observed
+
+    def observe_kueue(self, ref: RunRef, spec: LuffyRunSpec, observed: Observed) -> Observed:
+        """The run's Workload, the ResourceFlavors its admission names, and (to create the Workload) the value of
+        the run's PriorityClass."""
+        workload = self.kube.get(ObjectKey(kueue.API_VERSION, kueue.WORKLOAD, ref.namespace, kueue.workload_name(ref)))
+        flavors: dict[str, dict[str, Any]] = {}
+        priority = None
+        if workload is not None:
+            for name in sorted(kueue.WorkloadView.of(workload).flavors()):
+                flavor = self.kube.get(ObjectKey(kueue.API_VERSION, kueue.RESOURCE_FLAVOR, "", name))
+                if flavor is not None:
+                    flavors[name] = flavor
+        elif spec.scheduling.priority_class_name:
+            key = ObjectKey("scheduling.k8s.io/v1", "PriorityClass", "", spec.scheduling.priority_class_name)
+            priority_class = self.kube.get(key)
+            priority = int(priority_class["value"]) if priority_class and "value" in priority_class else None
+        return replace(observed, workload=workload, flavors=flavors, priority=priority)
 
     def observe_mlflow(self, run: RunView, spec: LuffyRunSpec, job: JobView | None) -> MlflowView:
         """Create the MLflow run once; after success, look up the model version the trainer registered. A run whose
@@ -295,6 +313,10 @@ class Controller:
             attempt(f"creating {job_key}", lambda: self.kube.create(job))
         for key in plan.delete:
             attempt(f"deleting {key}", lambda k=key: self.kube.delete(k))
+        if plan.workload_status is not None:
+            wl_key = ObjectKey(kueue.API_VERSION, kueue.WORKLOAD, ref.namespace, kueue.workload_name(ref))
+            patch = plan.workload_status
+            attempt(f"updating {wl_key} status", lambda: self.kube.patch(wl_key, patch, subresource="status"))
         if plan.fail_mlflow_run and spec is not None and spec.mlflow is not None:
             try:
                 self.mlflow_client(spec)[0].mark_failed(plan.fail_mlflow_run)

@@ -13,7 +13,7 @@ from typing import Any
 import kubernetes
 from luffy_trainer.contract import API_VERSION, KIND, PLURAL
 
-# (apiVersion, kind) -> plural; every kind here is namespaced.
+# (apiVersion, kind) -> plural; the cluster-scoped ones are read with namespace "".
 RESOURCES: dict[tuple[str, str], str] = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
@@ -27,6 +27,9 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("v1", "Event"): "events",
     (API_VERSION, KIND): PLURAL,
+    ("kueue.x-k8s.io/v1beta2", "Workload"): "workloads",
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): "resourceflavors",
+    ("scheduling.k8s.io/v1", "PriorityClass"): "priorityclasses",
 }
 
 
@@ -56,7 +59,7 @@ class ObjectKey:
     def path(self, collection: bool = False) -> str:
         plural = RESOURCES[(self.api_version, self.kind)]
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{prefix}/namespaces/{self.namespace}/{plural}"
+        path = f"{prefix}/namespaces/{self.namespace}/{plural}" if self.namespace else f"{prefix}/{plural}"
         return path if collection else f"{path}/{self.name}"
 
 

@@ -53,7 +53,6 @@ ATTEMPT_ANNOTATION = "luffy.dev/attempt"
 # The rollout size a trainer Job was started with (its config names that many servers); the operator's record, for
 # restarting the trainer when rollout.replicas changes. The trainer reads nothing from it.
 ROLLOUT_REPLICAS_ANNOTATION = "luffy.dev/rollout-replicas"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The restarts counted toward maxRestarts when a trainer Job was made (its attempt minus them: the disruptions before
 # it): the operator's floor for both counters, set by the operator only (the trainer cannot write Jobs).
 RESTARTS_ANNOTATION = "luffy.dev/restarts"
@@ -361,13 +360,6 @@ def _pod_placement(spec: LuffyRunSpec) -> dict[str, Any]:
     return out
 
 
-def _workload_labels(run: RunRef, spec: LuffyRunSpec, component: str) -> dict[str, str]:
-    out = labels(run, component)
-    if spec.scheduling.queue_name:
-        out[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
-    return out
-
-
 # --- rollout --------------------------------------------------------------------------------------------------------
 
 
@@ -434,7 +426,7 @@ def rollout_statefulset(run: RunRef, spec: LuffyRunSpec, replicas: int) -> Manif
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {**_metadata(run, run.rollout, "rollout"), "labels": _workload_labels(run, spec, "rollout")},
+        "metadata": _metadata(run, run.rollout, "rollout"),
         "spec": {
             "serviceName": run.rollout,
             "replicas": replicas,
@@ -602,10 +594,7 @@ def trainer_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            **_metadata(run, run.trainer, "trainer", annotations=annotations),
-            "labels": _workload_labels(run, spec, "trainer"),
-        },
+        "metadata": _metadata(run, run.trainer, "trainer", annotations=annotations),
         "spec": {
             "completionMode": "Indexed",
             "completions": t.nodes,
@@ -614,14 +603,14 @@ def trainer_job(
             "podFailurePolicy": copy.deepcopy(POD_FAILURE_POLICY),
             "podReplacementPolicy": "Failed",  # required with a podFailurePolicy
             **deadline,
-            # Kueue admits a queued Job by un-suspending it.
-            "suspend": spec.scheduling.queue_name is not None,
             "template": {
                 "metadata": {"labels": labels(run, "trainer"), "annotations": {ATTEMPT_ANNOTATION: str(attempt)}},
                 "spec": {
                     **_pod_placement(spec),
                     "subdomain": run.trainer,
                     "restartPolicy": "Never",
+                    # SIGTERM (deletion, eviction by Kueue, a drain) asks the trainer for a checkpoint: this bounds it.
+                    "terminationGracePeriodSeconds": t.termination_grace_period_seconds,
                     # Its token is mounted: the trainer reports progress through its Role (rollout pods mount none).
                     "serviceAccountName": run.trainer,
                     "containers": [container],

@@ -24,7 +24,7 @@ from typing import Any
 from luffy_trainer.contract import MAX_PROGRESS_BYTES, ProgressReport, ProgressStatus
 from pydantic import ValidationError
 
-from luffy_operator import manifests
+from luffy_operator import kueue, manifests
 from luffy_operator.api import (
     MAX_CONDITION_MESSAGE,
     TERMINAL_PHASES,
@@ -132,7 +132,6 @@ class JobView:
     succeeded: int
     failed_pods: int
     terminating: bool
-    suspended: bool
     disrupted: bool = False  # failed by the disruption rule of its podFailurePolicy (the Job controller says so)
     deadline_exceeded: bool = False  # failed by its activeDeadlineSeconds: the run's deadline
 
@@ -159,7 +158,6 @@ class JobView:
             succeeded=int(status.get("succeeded") or 0),
             failed_pods=int(status.get("failed") or 0),
             terminating=bool(md.get("deletionTimestamp")),
-            suspended=bool((job.get("spec") or {}).get("suspend")),
             disrupted=bool(failed) and is_disruption(failed),
             deadline_exceeded=failed.get("reason") == "DeadlineExceeded",
         )
@@ -218,6 +216,13 @@ class Observed:
     rollout: RolloutView | None
     mlflow: MlflowView = field(default_factory=MlflowView)
     progress: str | None = None  # the trainer's raw report from its progress ConfigMap, unchecked
+    workload: dict[str, Any] | None = None  # the run's Kueue Workload (with spec.scheduling.queueName)
+    flavors: dict[str, dict[str, Any]] = field(default_factory=dict)  # the ResourceFlavors its admission names
+    priority: int | None = None  # the value of spec.scheduling.priorityClassName, for a Workload to create
+
+    @property
+    def admission(self) -> kueue.WorkloadView | None:
+        return kueue.WorkloadView.of(self.workload) if self.workload else None
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,7 @@ class Plan:
     delete_job: bool = False
     create_job: Manifest | None = None
     delete: list[ObjectKey] = field(default_factory=list)
+    workload_status: dict[str, Any] | None = None  # a status patch of the run's Kueue Workload
     fail_mlflow_run: str | None = None
     events: list[Event] = field(default_factory=list)
 
@@ -381,11 +387,14 @@ def plan_run(
     plan = Plan(status={}, accepted=res.accepted)
     counts = _next_phase(run, spec, old, obs, mlflow_run_id, bool(delegated), st, plan, extra_egress)
     finished = st.status.phase in TERMINAL_PHASES
-    desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished else 0
+    queued = st.status.phase == "Queued"
+    desired = spec.rollout.replicas if spec.uses_rollouts and not spec.suspend and not finished and not queued else 0
     cleanup = spec.cleanup.on_success if st.status.phase == "Succeeded" else spec.cleanup.on_failure
     deleting = finished and cleanup == "Delete"
     due = not deleting or _cleanup_due(spec, old.get("completionTime") or now, now)  # till then: not finalized
-    _plan_children(run.ref, spec, obs, desired, deleting and due, full, plan, extra_egress)
+    _plan_children(run.ref, spec, obs, desired, deleting and due, full, plan, extra_egress, queued)
+    if spec.scheduling.queue_name is not None:
+        _plan_workload(run.ref, spec, obs, now, st, plan)
     _record_status(spec, old, obs, now, desired, deleting, counts, mlflow, bool(delegated), st)
     progress_attempt = _progress(spec, old, obs, st)
     plan.status = st.build()
@@ -450,6 +459,8 @@ def _next_phase(
         )
         plan.delete_job = job is not None and job.running
         plan.fail_mlflow_run = mlflow_run_id
+    elif _waits_for_admission(spec, obs):
+        _queued_phase(spec, obs, st, plan)
     elif job is not None:
         counts = _trainer_phase(spec, old, job, counts, mlflow_run_id, st, plan)
     else:
@@ -537,14 +548,76 @@ def _trainer_phase(
             f"spec.rollout.replicas is now {spec.rollout.replicas}: restarting the trainer from its checkpoint "
             "with the new rollout endpoints (not counted as a failure)",
         )
-    elif job.suspended:
-        queue = spec.scheduling.queue_name
-        st.phase("Pending", "Queued", f"trainer Job waits for admission by Kueue queue {queue}")
     elif job.ready >= nodes:
         st.phase("Running", "TrainerRunning", f"{job.ready}/{nodes} trainer pods ready")
     else:
         st.phase("Pending", "TrainerStarting", f"{job.ready}/{nodes} trainer pods ready")
     return counts
+
+
+def _waits_for_admission(spec: LuffyRunSpec, obs: Observed) -> bool:
+    """With a Kueue queue, a run that is not suspended and whose trainer has not finished runs only while its
+    Workload, as the spec sizes it, is admitted."""
+    if spec.scheduling.queue_name is None or spec.suspend or (obs.job and (obs.job.complete or obs.job.failed)):
+        return False
+    view = obs.admission
+    return view is None or not view.admitted or view.counts != _pod_set_counts(spec)
+
+
+def _pod_set_counts(spec: LuffyRunSpec) -> dict[str, int]:
+    counts = {kueue.ROLLOUT: spec.rollout.replicas} if spec.uses_rollouts else {}
+    return {**counts, kueue.TRAINER: spec.trainer.nodes}
+
+
+def _queued_phase(spec: LuffyRunSpec, obs: Observed, st: StatusBuilder, plan: Plan) -> None:
+    """Not admitted (yet, or any more): nothing that takes quota runs. A running trainer is deleted, so its pods get
+    SIGTERM and their grace period to checkpoint; not counted as a restart."""
+    view = obs.admission
+    queue = spec.scheduling.queue_name
+    if obs.job is not None and not obs.job.terminating:
+        plan.delete_job = True
+    if view is None:
+        st.phase("Queued", "Pending", f"creating the Kueue Workload in queue {queue}")
+    elif view.counts != _pod_set_counts(spec):
+        st.phase("Queued", "WorkloadOutdated", "the pod sets changed with the spec: replacing the Kueue Workload")
+    else:
+        reason, message = view.reason()
+        if view.evicted:
+            message = f"evicted by Kueue ({message}): trainer checkpointing and stopping, then queued again"
+        st.phase("Queued", reason, message or f"waiting for admission by Kueue queue {queue}")
+
+
+def _placed(spec: LuffyRunSpec, obs: Observed, manifest: Manifest, pod_set: str) -> Manifest:
+    """A workload child with its admission's placement (unchanged without a queue)."""
+    view = obs.admission
+    if spec.scheduling.queue_name is None or view is None:
+        return manifest
+    return kueue.placed(manifest, kueue.placement(view, pod_set, obs.flavors))
+
+
+def _plan_workload(ref: RunRef, spec: LuffyRunSpec, obs: Observed, now: str, st: StatusBuilder, plan: Plan) -> None:
+    """The run's Workload: created (before any pod), replaced when the spec resized it, its quota handed back once an
+    eviction has stopped every pod, marked Finished with the run; its Kueue conditions mirrored in the run's."""
+    view, phase = obs.admission, st.status.phase
+    stopped = obs.job is None and obs.rollout is None
+    if view is None:
+        if phase not in TERMINAL_PHASES:
+            rollout = manifests.rollout_statefulset(ref, spec, spec.rollout.replicas) if spec.uses_rollouts else None
+            trainer = manifests.trainer_job(ref, spec, 0, None)
+            plan.ensure.append(kueue.workload(ref, spec, rollout, trainer, obs.priority))
+        return
+    for type_ in kueue.KUEUE_CONDITIONS:
+        c = view.conditions.get(type_)
+        if c is not None:
+            st.condition(type_, c.get("status") == "True", str(c.get("reason") or type_), str(c.get("message") or ""))
+    assert obs.workload is not None
+    if phase in TERMINAL_PHASES:
+        if not view.finished:
+            plan.workload_status = kueue.finished(obs.workload, phase == "Succeeded", st.status.message or "", now)
+    elif view.counts != _pod_set_counts(spec) and stopped:
+        plan.delete.append(ObjectKey(kueue.API_VERSION, kueue.WORKLOAD, ref.namespace, view.name))
+    elif view.evicted and view.has_admission and stopped:
+        plan.workload_status = kueue.released(obs.workload, now)
 
 
 def _admission_phase(
@@ -571,9 +644,10 @@ def _admission_phase(
         st.phase("Pending", "WaitingForRollout", f"{ready}/{spec.rollout.replicas} rollout replicas ready")
     else:
         plan.ensure = manifests.supporting_children(ref, spec, extra_egress)
-        plan.create_job = manifests.trainer_job(
+        job = manifests.trainer_job(
             ref, spec, counts.attempt, mlflow_run_id, restarts=counts.restarts, deadline_seconds=deadline_seconds
         )
+        plan.create_job = _placed(spec, obs, job, kueue.TRAINER)
         st.phase("Pending", "TrainerStarting", f"creating the trainer Job (attempt {counts.attempt})")
 
 
@@ -586,13 +660,19 @@ def _plan_children(
     full: bool,
     plan: Plan,
     extra_egress: Sequence[dict[str, Any]],
+    queued: bool = False,
 ) -> None:
-    """The rollout at its desired size, the supporting children kept in line, or the workloads removed on cleanup."""
+    """The rollout at its desired size (none while queued by Kueue), the supporting children kept in line, or the
+    workloads removed on cleanup."""
     rollout = obs.rollout
-    if spec.uses_rollouts and not deleting:
+    if spec.uses_rollouts and queued:  # under Kueue the StatefulSet exists only while admitted, placed by it
+        if rollout is not None:
+            plan.delete.append(ObjectKey("apps/v1", "StatefulSet", ref.namespace, ref.rollout))
+    elif spec.uses_rollouts and not deleting:
         if rollout is None:
             plan.ensure = plan.ensure or manifests.supporting_children(ref, spec, extra_egress)
-            plan.ensure.append(manifests.rollout_statefulset(ref, spec, desired))
+            sts = _placed(spec, obs, manifests.rollout_statefulset(ref, spec, desired), kueue.ROLLOUT)
+            plan.ensure.append(sts)
         elif rollout.replicas != desired:
             plan.scale_rollout = desired
     if full and not plan.ensure and not deleting:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from chart_cases import NAMESPACE, VALID
 from chart_render import find, fullname, one, release_objects
+from kueue_emulation import FLAVORS, GPU_TAINT, WORKLOADS, admitted_status, cond, crd, flavor
 from luffy_operator import manifests
 from luffy_operator.api import parse_spec
 from luffy_operator.kube import RESOURCES
@@ -37,8 +38,15 @@ RUN_GRANTS: set[Grant] = {
     *{("batch", "jobs", v) for v in ("get", "create", "delete")},
     *{("networking.k8s.io", "networkpolicies", v) for v in ("create", "delete")},
     *{("rbac.authorization.k8s.io", r, v) for r in ("roles", "rolebindings") for v in ("create", "delete")},
+    *{("kueue.x-k8s.io", "workloads", v) for v in ("get", "create", "delete")},  # a queued run's own Workload
+    ("kueue.x-k8s.io", "workloads/status", "patch"),  # quota handed back after an eviction, Finished
 }
-CRD_GRANTS: set[Grant] = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+# Cluster-scoped and read-only: the flavors an admission names, a queued run's PriorityClass value.
+CRD_GRANTS: set[Grant] = {
+    *{("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")},
+    ("kueue.x-k8s.io", "resourceflavors", "get"),
+    ("scheduling.k8s.io", "priorityclasses", "get"),
+}
 NAMESPACE_GRANTS: set[Grant] = {("", "namespaces", v) for v in ("list", "watch")}
 # Granted but not reached by the lifecycle the real operator is driven through below, and why each is needed.
 UNEXERCISED: dict[Grant, str] = {
@@ -207,6 +215,34 @@ def drive_a_run(api: HttpApi) -> None:
     wait_for("the cleanup", lambda: api.get(job) is None and api.get(rollout) is None, timeout=30)
     api.delete(f"{RUNS}/rbac")
     wait_for("the run to go", lambda: api.get(f"{RUNS}/rbac") is None)
+    drive_a_queued_run(api)
+
+
+def drive_a_queued_run(api: HttpApi) -> None:
+    """A run in a Kueue queue: its Workload created, replaced on a rescale before admission, admitted with a flavor,
+    evicted and its quota handed back, finished. The test plays Kueue by writing the Workload's status."""
+    for kind, plural, scope in (
+        ("Workload", "workloads", "Namespaced"),
+        ("ResourceFlavor", "resourceflavors", "Cluster"),
+    ):
+        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd(kind, plural, scope))
+    api.create(FLAVORS, flavor("spot", {"pool": "spot"}, [GPU_TAINT]))
+    priority = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "p"}, "value": 1}
+    api.create("/apis/scheduling.k8s.io/v1/priorityclasses", priority)
+    api.create(RUNS, valid_run("rbacq", scheduling={"queueName": "q", "priorityClassName": "p"}))
+    workload, rollout, job = f"{WORKLOADS}/rbacq-workload", f"{STATEFULSETS}/rbacq-rollout", f"{JOBS}/rbacq-trainer"
+    wait_for("the Workload", lambda: api.get(workload))
+    api.merge(f"{RUNS}/rbacq", {"spec": {"rollout": {"replicas": 3}}})
+    wait_for("the Workload replaced", lambda: (w := api.get(workload)) and w["spec"]["podSets"][0]["count"] == 3)
+    api.merge(f"{workload}/status", {"status": admitted_status("spot", "spot")})
+    wait_for("the rollout", lambda: api.get(rollout))
+    api.merge(f"{rollout}/status", {"status": {"replicas": 3, "readyReplicas": 3}})
+    wait_for("the trainer", lambda: api.get(job))
+    evicted = [*admitted_status("spot", "spot")["conditions"], cond("Evicted", True, "Preempted")]
+    api.merge(f"{workload}/status", {"status": {"conditions": evicted}})
+    wait_for("the quota handed back", lambda: "admission" not in (api.get(workload)["status"] or {}), timeout=30)
+    api.delete(f"{RUNS}/rbacq")
+    wait_for("the queued run to go", lambda: api.get(f"{RUNS}/rbacq") is None)
 
 
 @pytest.mark.parametrize(("release", "options"), [("luffy", ["-A"]), ("namespaced", ["--namespace", "default"])])

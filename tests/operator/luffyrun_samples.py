@@ -106,6 +106,11 @@ INVALID_CASES: list[tuple[str, Callable[[Obj], None], str]] = [
     ),
     ("top-p-above-one", _set("spec.rollout.topP", 1.5), "spec.rollout.topP"),
     ("zero-trainer-nodes", _set("spec.trainer.nodes", 0), "spec.trainer.nodes"),
+    (
+        "zero-termination-grace",
+        _set("spec.trainer.terminationGracePeriodSeconds", 0),
+        "spec.trainer.terminationGracePeriodSeconds",
+    ),
     ("gpus-not-a-number", _set("spec.trainer.gpusPerNode", "eight"), "spec.trainer.gpusPerNode"),
     (
         "reserved-env",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +104,14 @@ class Cluster:
     def events(self, involving: str) -> list[dict[str, Any]]:
         items = self.api.request("GET", "/api/v1/namespaces/default/events")["items"]
         return [e for e in items if e.get("involvedObject", {}).get("name") == involving]
+
+
+def kubectl(cluster: Cluster, cache: Path, *args: str) -> str:
+    """The real kubectl against the emulator; its stdout."""
+    cmd = ["kubectl", f"--kubeconfig={cluster.kubeconfig}", f"--cache-dir={cache}", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from operator_harness import CRD_PATH, REPO, RUNS, STATEFULSETS, Cluster, InProcessOperator, wait_for
+from operator_harness import CRD_PATH, REPO, RUNS, STATEFULSETS, Cluster, InProcessOperator, kubectl, wait_for
 from servers import free_port
 
 # `luffy-operator`, as pyproject's console script runs it (it need not be installed in this environment).
@@ -70,13 +70,6 @@ def test_luffy_operator_runs_against_a_kubeconfig(cluster: Cluster, tmp_path: Pa
 def valid_cli_run() -> dict:
     docs = yaml.safe_load_all((REPO / "examples" / "luffyrun-tiny-cpu.yaml").read_text())
     return next(d for d in docs if d and d["kind"] == "LuffyRun")
-
-
-def kubectl(cluster: Cluster, cache: Path, *args: str) -> str:
-    cmd = ["kubectl", f"--kubeconfig={cluster.kubeconfig}", f"--cache-dir={cache}", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def test_kubectl_shows_the_printer_columns_of_the_example(

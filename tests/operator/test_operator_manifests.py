@@ -408,16 +408,19 @@ def test_trainer_may_patch_only_its_progress_config_map() -> None:
     ]
 
 
-def test_scheduling_reaches_both_pod_templates_and_kueue_labels_the_workloads() -> None:
+def test_scheduling_reaches_both_pod_templates_and_no_child_is_a_kueue_job() -> None:
+    """The run's own Workload is what Kueue admits (luffy_operator.kueue): a queue label on a child would make Kueue
+    build a second Workload for it, and the operator creates the Job only once admitted, so it is never suspended."""
     children = all_children(SPECS["full"])
     for workload in (by_kind(children, "StatefulSet"), by_kind(children, "Job")):
         pod = workload["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"pool": "gpu"}
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert pod["priorityClassName"] == "training"
-        assert workload["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    assert by_kind(children, "Job")["spec"]["suspend"] is True  # Kueue admits it
-    assert by_kind(all_children(SPECS["small"]), "Job")["spec"]["suspend"] is False
+        assert not any(k.startswith("kueue.x-k8s.io/") for k in workload["metadata"]["labels"])
+    assert "suspend" not in by_kind(children, "Job")["spec"]
+    pod = by_kind(children, "Job")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300  # the trainer's time to checkpoint on SIGTERM
 
 
 def test_checkpoint_claim_new_retained_or_existing() -> None:

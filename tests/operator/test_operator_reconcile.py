@@ -60,7 +60,6 @@ def job(attempt: int = 0, replicas: int = 2, *, ready: int = 0, condition: str |
         status["conditions"] = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded"}]
     obj = {
         "metadata": {"annotations": {"luffy.dev/attempt": str(attempt), "luffy.dev/rollout-replicas": str(replicas)}},
-        "spec": {"suspend": extra.pop("suspended", False)},
         "status": status,
     }
     if extra.pop("terminating", False):
@@ -273,12 +272,6 @@ def test_a_server_that_refused_the_operator_leaves_the_mlflow_run_to_the_trainer
     spec = {"mlflow": mlflow, "failurePolicy": {"maxRestarts": 0}}
     failed = plan(body(status=later.status, record=later.record, **spec), job(0, condition="Failed"), READY)
     assert failed.status["phase"] == "Failed" and failed.fail_mlflow_run is None
-
-
-def test_a_job_queued_by_kueue_is_pending() -> None:
-    p = plan(body(status={"phase": "Pending"}, scheduling={"queueName": "q"}), job(suspended=True), READY)
-    assert (p.status["phase"], p.status["reason"]) == ("Pending", "Queued")
-    assert not p.delete_job
 
 
 def test_a_terminating_job_is_awaited_not_replaced() -> None:

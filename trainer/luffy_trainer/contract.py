@@ -56,6 +56,10 @@ class ProgressReport(ProgressStatus):
     attempt: int = Field(0, ge=0, description="The trainer attempt (its Job's luffy.dev/attempt) that reports.")
 
 
+# The exit status of a trainer that stopped on SIGTERM after saving its checkpoint (luffy_trainer.preemption):
+# EX_TEMPFAIL, "try again later". Not a failure: a resumed run continues from that checkpoint.
+PREEMPTED_EXIT_CODE = 75
+
 PROGRESS_KEY = "progress.json"
 MAX_PROGRESS_BYTES = 4096  # a longer report is refused by the operator
 

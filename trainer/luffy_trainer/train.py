@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from luffy_trainer import contract
+from luffy_trainer import contract, preemption
 from luffy_trainer.checkpoint import CheckpointManager, restore_rng_state, rng_state
 from luffy_trainer.config import ConfigError, TrainConfig, dump_config, flatten_config, load_config
 from luffy_trainer.distributed import (
@@ -136,6 +137,7 @@ class LuffyTrainer:
         self.reward_pool = None
         self.status_reporter = None
         self.rollouts: RolloutPipeline | None = None
+        self.stop = preemption.StopRequest()  # SIGTERM: checkpoint and stop at the next step boundary
         # Modes without rollouts have nothing to generate ahead.
         self.max_staleness = config.rollout.max_staleness if self.algorithm.uses_rollouts else 0
         self.resumed_batches: list[RolloutBatch] = []  # generated ahead before the checkpoint resumed from
@@ -440,14 +442,18 @@ class LuffyTrainer:
                     metrics.update(self.track_best(step, val))
             if self.world.is_main:
                 self._record(step, metrics, progress)
-            if step % cfg.checkpoint.every_steps == 0 or step == total:
+            saved = step % cfg.checkpoint.every_steps == 0 or step == total
+            if saved:
                 self.save_checkpoint(step)
+            if step < total and self.stop.agreed(self.world, self.device):
+                preemption.stop_at(step, saved, self.save_checkpoint)
             if self.world.is_main:
                 self._schedule(step + 1)
             result.final_step, result.last_metrics = step, metrics
 
     def run(self) -> TrainResult:
         status = "FAILED"
+        self.stop.watch()
         try:
             self.setup()
             cfg = self.config
@@ -464,7 +470,7 @@ class LuffyTrainer:
                 self._log_models(result)
             status = "FINISHED"
             return result
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, preemption.Preempted):
             status = "KILLED"
             raise
         except Exception as exc:
@@ -472,6 +478,7 @@ class LuffyTrainer:
                 log.error("rank %d of %d failed: %s", self.world.rank, self.world.world_size, exc)
             raise
         finally:
+            self.stop.restore()
             self.close(status)
 
     def close(self, status: str) -> None:
@@ -489,7 +496,11 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.resume:
         config.checkpoint.resume = "required"
-    result = LuffyTrainer(config).run()
+    try:
+        result = LuffyTrainer(config).run()
+    except preemption.Preempted as stopped:
+        print(f"luffy train: {stopped}", file=sys.stderr)
+        return contract.PREEMPTED_EXIT_CODE
     if result.run_id is not None:
         print(f"trained to step {result.final_step}; model: {result.model_dir}; MLflow run: {result.run_id}")
     return 0

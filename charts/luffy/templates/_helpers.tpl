@@ -131,6 +131,23 @@ blockOwnerDeletion, which needs update on luffyruns/finalizers.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [create, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, create, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads/status]
+  verbs: [patch]
+{{- end }}
+
+{{/* Cluster-scoped reads of a queued run (spec.scheduling.queueName): the ResourceFlavors its Workload's admission
+names (their node labels and tolerations place the pods) and the value of its PriorityClass. Read-only. */}}
+{{- define "luffy.kueueClusterRules" -}}
+- apiGroups: [kueue.x-k8s.io]
+  resources: [resourceflavors]
+  verbs: [get]
+- apiGroups: [scheduling.k8s.io]
+  resources: [priorityclasses]
+  verbs: [get]
 {{- end }}
 
 {{/* kopf discovers the CRD's served versions cluster-wide, in either mode. */}}
