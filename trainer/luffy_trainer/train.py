@@ -54,6 +54,9 @@ METRIC_NAMES = {
     "off_policy_shaped_mean": "actor/off_policy_shaped_mean",
     "on_policy_ratio_mean": "actor/on_policy_ratio_mean",
     "clip_fraction": "actor/clip_fraction",
+    "importance_weight_mean": "is/weight_mean",
+    "importance_capped_fraction": "is/capped_fraction",
+    "kl_behaviour_old": "is/kl_behaviour_old",
     "grad_norm": "actor/grad_norm",
     "lr": "actor/lr",
 }
