@@ -261,6 +261,8 @@ class LuffyTrainer:
                 rollout_truncated=[c.finish_reason == "length" for c in outs],
                 trace_ids=ex.trace_ids,
                 trace_reward=tr,
+                rollout_logprobs=[c.logprobs for c in outs],
+                rollout_versions=[c.weight_version for c in outs],
             )
             for ex, outs, rr, tr in zip(examples, completions, rollout_rewards, trace_rewards, strict=True)
         ]
