@@ -311,3 +311,59 @@ def test_the_level_in_force_resolves_auto_against_the_staleness(correction, stal
 
     config = TrainConfig(algorithm={"importanceCorrection": correction}, rollout={"maxStaleness": staleness})
     assert config.importance_level == level
+
+
+DELTAS = [[0.3, -0.2, 1.0, 0.0], [-0.5, 0.9, 0.1, -1.2]]  # log rho per rollout token; 1.0 and 0.9 exceed log 2
+
+
+def _updater_run(model_dir: str, level: str, steps: int, with_behaviour: bool):
+    """One `PolicyUpdater.optimize` on the tiny model over 2 prompts x 2 rollouts whose behaviour log-probs are
+    pi_old - delta (pi_old: the fresh model's own log-probs), so that rho = e^delta. Returns the stats and the
+    updated parameters."""
+    from luffy_trainer.config import TrainConfig
+    from luffy_trainer.distributed import World
+    from luffy_trainer.policy import PolicyUpdater, build_optimizer, build_policy
+
+    config = TrainConfig(
+        model={"path": model_dir, "dtype": "float32", "gradientCheckpointing": False},
+        algorithm={"mode": "grpo", "nOnPolicy": 2, "importanceCorrection": level, "entropyCoeff": 0.0},
+        optimization={"lr": 1e-3, "optimizerStepsPerBatch": steps},
+    )
+    world, device = World(), torch.device("cpu")
+    tokenizer, policy = build_policy(config, world, device)
+    rollouts = [[(20, 21, 22, 23), (30, 31, 32, 33)], [(40, 41, 42, 43), (50, 51, 52, 53)]]
+    groups = [GroupInput((5 + g, 6, 7), r, [1.0, 0.0], [False, False], (), 0.0) for g, r in enumerate(rollouts)]
+    plain = build_samples(groups, config.algorithm)
+    if with_behaviour:
+        with torch.no_grad():
+            policy.eval()
+            old = policy(collate(plain, tokenizer.pad_token_id), temperature=1.0, with_entropy=False)[0]
+            policy.train()
+        behaviour = [[[float(old[2 * g + i, t]) - DELTAS[i][t] for t in range(4)] for i in range(2)] for g in range(2)]
+        groups = [GroupInput(**{**item.__dict__, "rollout_logprobs": behaviour[g]}) for g, item in enumerate(groups)]
+    optimizer, scheduler = build_optimizer(policy, config)
+    updater = PolicyUpdater(policy, optimizer, scheduler, config, tokenizer.pad_token_id, world, device)
+    stats = updater.optimize(build_samples(groups, config.algorithm))
+    return stats, [p.detach().clone() for p in policy.parameters()]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_policy_updater_weighs_rollouts_against_its_own_old_logprobs(tiny_model_dir, steps):
+    """pi_old is the current policy's detached log-prob with one optimizer step, the recomputation with two: either
+    way the metrics are the closed form over rho = e^delta, and `token` moves the weights differently from `off`."""
+    rhos = [math.exp(x) for row in DELTAS for x in row] * 2
+    weight_mean = sum(min(r, 2.0) for r in rhos) / len(rhos)
+    token, token_params = _updater_run(tiny_model_dir, "token", steps, with_behaviour=True)
+    off, off_params = _updater_run(tiny_model_dir, "off", steps, with_behaviour=True)
+    for stats in (token, off):  # with the correction off the metrics are still reported, min(rho, C) for the weight
+        assert stats["importance_weight_mean"] == pytest.approx(weight_mean, rel=1e-5)
+        assert stats["importance_capped_fraction"] == pytest.approx(2 / 8)
+        assert stats["kl_behaviour_old"] == pytest.approx(sum(r - 1 - math.log(r) for r in rhos) / 16, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(token_params, off_params, strict=True))
+
+
+def test_policy_updater_with_the_correction_off_updates_bit_identically(tiny_model_dir):
+    with_behaviour, params = _updater_run(tiny_model_dir, "off", 1, with_behaviour=True)
+    without, plain_params = _updater_run(tiny_model_dir, "off", 1, with_behaviour=False)
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params, strict=True))
+    assert {k: v for k, v in with_behaviour.items() if not k.startswith(("importance_", "kl_"))} == without
