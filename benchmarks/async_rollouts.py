@@ -58,11 +58,17 @@ def train_config(model: Path, task: Path, work: Path, args: argparse.Namespace, 
         "data": {
             "trainFiles": [str(task / "train.parquet")],
             "maxPromptLength": 64,
-            "maxResponseLength": args.max_tokens,
+            "maxResponseLength": max(64, args.max_tokens),  # the task's traces are up to ~50 tokens
         },
         "algorithm": {"mode": "luffy", "nOnPolicy": 7, "nOffPolicy": 1},
         "reward": {"numWorkers": 1},
-        "rollout": {"backend": "vllm-server", "serverUrls": [url], "weightSyncPort": port, "maxStaleness": 0},
+        "rollout": {
+            "backend": "vllm-server",
+            "serverUrls": [url],
+            "weightSyncPort": port,
+            "maxTokens": args.max_tokens,
+            "maxStaleness": 0,
+        },
         "optimization": {
             "lr": 1e-4,
             "promptsPerStep": args.prompts,
@@ -89,7 +95,9 @@ def run_block(k: int, index: int, model: Path, task: Path, root: Path, args: arg
     work = root / f"block{index}-k{k}"
     work.mkdir()
     server_env = {"VLLM_CPU_OMP_THREADS_BIND": str(ROLLOUT_CPU), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    server = LocalRolloutServer(str(model), free_port(), log_path=work / "server.log", max_model_len=512, env=server_env)
+    server = LocalRolloutServer(
+        str(model), free_port(), log_path=work / "server.log", max_model_len=512, env=server_env
+    )
     config = train_config(model, task, work, args, server.url, free_port())
     config["rollout"]["maxStaleness"] = k
     (work / "run.yaml").write_text(yaml.safe_dump(config))
@@ -155,9 +163,11 @@ def main() -> None:
         model = make_tiny_model(root / "model", shape=TinyModelShape(**SHAPES[args.shape]))
         task = write_arithmetic_task(root / "task", n_base=16, n_train=256, seed=1, val_per_total=1)
         rows = [run_block(i % 2, i, model, task, root, args) for i in range(args.blocks)]
-    print(f"shape {args.shape}, {args.prompts} prompts x 8 samples, up to {args.max_tokens} tokens, "
+    print(f"shape {args.shape}, {args.prompts} prompts x (7 rollouts + 1 trace), up to {args.max_tokens} tokens, "
           f"{args.steps} steps per block, medians after {args.warmup} warm-up steps\n")  # fmt: skip
-    print("| block | k | step (s) | steps/s | generate (s) | train (s) | weight sync (s) | trainer idle | rollout idle |")
+    print(
+        "| block | k | step (s) | steps/s | generate (s) | train (s) | weight sync (s) | trainer idle | rollout idle |"
+    )  # noqa: E501
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(rows):
         print(
