@@ -44,12 +44,42 @@ def hf_greedy(model_dir: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -
 
 
 @torch.no_grad()
-def hf_logprobs(model_dir: str, prompt: list[int], completion: list[int]) -> list[float]:
-    """log p(completion[t] | prompt + completion[:t]) from one forward pass over the whole sequence (raw logits)."""
+def hf_logprobs(
+    model_dir: str,
+    prompt: list[int],
+    completion: list[int],
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
+) -> list[float]:
+    """log mu(completion[t] | prompt + completion[:t]) from one forward pass over the whole sequence, mu being the
+    sampling distribution: softmax(logits / temperature) restricted to the top_k most likely tokens and to the most
+    likely tokens whose preceding mass is below top_p (the nucleus), renormalised."""
     model = load_hf(model_dir)
     ids = torch.tensor([prompt + completion])
-    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    return logits.log_softmax(-1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1).tolist()
+    logits = model(ids).logits[0, len(prompt) - 1 : -1].double() / temperature
+    order = logits.argsort(dim=-1, descending=True)
+    keep_sorted = torch.ones_like(logits, dtype=torch.bool)
+    if top_k > 0:
+        keep_sorted[:, top_k:] = False
+    probs_sorted = logits.gather(-1, order).masked_fill(~keep_sorted, -torch.inf).softmax(-1)
+    mass_before = probs_sorted.cumsum(-1) - probs_sorted
+    keep_sorted &= mass_before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    logp = logits.masked_fill(~keep, -torch.inf).log_softmax(-1)
+    return logp.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+def trainer_logprobs(model_dir: str, prompt: list[int], completion: list[int], temperature: float) -> list[float]:
+    """The trainer's recomputation of the same log-probs (`luffy_trainer.logprobs.token_logprobs`, the loss's input)."""
+    from luffy_trainer.logprobs import token_logprobs
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp, _ = token_logprobs(
+            load_hf(model_dir), ids, torch.ones_like(ids), len(completion), temperature=temperature, with_entropy=False
+        )
+    return logp[0].tolist()
 
 
 def hf_weights(model_dir: str) -> list[tuple[str, torch.Tensor]]:
@@ -79,10 +109,16 @@ def free_port_block(count: int) -> int:
                 sock.close()
 
 
-def assert_logprobs_match(model_dir: str, prompt: list[int], tokens: list[int], logprobs: list[float]) -> None:
-    """Returned per-token log-probs agree with a Hugging Face forward pass within 1e-4 (float32)."""
-    ref = hf_logprobs(model_dir, prompt, tokens)
-    assert max(abs(a - b) for a, b in zip(logprobs, ref, strict=True)) < 1e-4
+def max_gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def assert_logprobs_match(
+    model_dir: str, prompt: list[int], tokens: list[int], logprobs: list[float], **sampling: float
+) -> None:
+    """Returned per-token log-probs agree with a Hugging Face forward pass within 1e-4 (float32); `sampling`
+    (temperature, top_k, top_p) as in `hf_logprobs`."""
+    assert max_gap(logprobs, hf_logprobs(model_dir, prompt, tokens, **sampling)) < 1e-4
 
 
 def assert_greedy_matches_hf(out, prompts, model_dir: str, version: int, max_tokens: int = MAX_TOKENS) -> None:

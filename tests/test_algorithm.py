@@ -253,3 +253,161 @@ def test_advantage_shape_is_checked():
     lp, olp, a, m, o = _tensors(*_batch())
     with pytest.raises(ValueError, match="advantages must be"):
         policy_loss(lp, olp, a.unsqueeze(-1), m, o)
+
+
+# --- importance correction of stale on-policy tokens ----------------------------------------------------------------
+# rho_t = pi_old / mu = exp(old - behaviour); token weight min(rho_t, C); sequence weight min(prod_t rho_t, C).
+
+CAP = 2.0
+
+
+def _stale_batch():
+    """`_batch()` plus behaviour log-probs: on-policy rho = e^0.3 (< C), e^1.2 (> C), e^-0.4; the trace has none."""
+    logp, old, mask, off, adv = _batch()
+    behaviour = [[-0.6, -2.1, -0.1, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    present = [[1, 1, 1, 0], [0, 0, 0, 0]]
+    return logp, old, mask, off, adv, behaviour, present
+
+
+def _weighted_policy_loss(level, clip=None, norm_length=8192, gamma=0.1):
+    logp, old, mask, off, adv, behaviour, present = _stale_batch()
+    lp, olp, a, m, o = _tensors(logp, old, mask, off, adv)
+    loss, metrics = policy_loss(
+        lp,
+        olp,
+        a,
+        m,
+        o,
+        gamma=gamma,
+        clip_eps=clip,
+        norm_length=norm_length,
+        behaviour_logprobs=torch.tensor(behaviour, dtype=torch.float64),
+        behaviour_mask=torch.tensor(present),
+        importance_level=level,
+        importance_cap=CAP,
+    )
+    return lp, loss, metrics
+
+
+def _rhos():
+    _, old, _, _, _, behaviour, _ = _stale_batch()
+    return [math.exp(old[0][t] - behaviour[0][t]) for t in range(3)]
+
+
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_token_level_weights_each_on_policy_term_and_leaves_the_trace(clip):
+    logp, old, mask, off, adv, _, _ = _stale_batch()
+    rhos = _rhos()
+    assert rhos[0] < CAP < rhos[1] and rhos[2] < 1  # the cap is hit on token 1 only
+    weights = [min(r, CAP) for r in rhos]
+    per_token = _expected_token_losses(logp, old, mask, off, adv, 0.1, clip=clip)
+    expected_on = [w * x for w, x in zip(weights, per_token[0][:3], strict=True)]  # -w * A * r (clipped as PPO)
+    _, loss, metrics = _weighted_policy_loss("token", clip=clip)
+    assert loss.item() == pytest.approx((sum(expected_on) + sum(per_token[1])) / 8192, rel=1e-12)
+    assert metrics["on_policy_loss"].item() == pytest.approx(sum(expected_on) / 8192, rel=1e-12)
+    assert metrics["off_policy_loss"].item() == pytest.approx(sum(per_token[1]) / 8192, rel=1e-12)  # f(p), unweighted
+    assert metrics["importance_weight_mean"].item() == pytest.approx((rhos[0] + CAP + rhos[2]) / 3, rel=1e-12)
+    assert metrics["importance_capped_fraction"].item() == pytest.approx(1 / 3)
+    k3 = [r - 1 - math.log(r) for r in rhos]
+    assert metrics["kl_behaviour_old"].item() == pytest.approx(sum(k3) / 3, rel=1e-12)
+
+
+def test_token_level_gradient_is_the_weight_times_the_on_policy_gradient():
+    """d(-w A r)/d logp = -w A r (r = e^(logp - old)); trace tokens keep -A gamma p / (p + gamma)^2, all over L."""
+    logp, old, _, _, adv, _, _ = _stale_batch()
+    lp, loss, _ = _weighted_policy_loss("token")
+    loss.backward()
+    for t, rho in enumerate(_rhos()):
+        r = math.exp(logp[0][t] - old[0][t])
+        assert lp.grad[0, t].item() == pytest.approx(-min(rho, CAP) * adv[0] * r / 8192, rel=1e-9)
+    assert lp.grad[0, 3].item() == 0.0
+    for t, x in enumerate(logp[1]):
+        p = math.exp(x)
+        assert lp.grad[1, t].item() == pytest.approx(-adv[1] * 0.1 * p / (p + 0.1) ** 2 / 8192, rel=1e-9)
+
+
+def test_sequence_level_weight_is_the_capped_product_broadcast():
+    logp, old, mask, off, adv, _, _ = _stale_batch()
+    rhos = _rhos()
+    product = rhos[0] * rhos[1] * rhos[2]  # e^1.1 ~ 3.0 > C: the cap is hit
+    assert product > CAP
+    per_token = _expected_token_losses(logp, old, mask, off, adv, 0.1)
+    lp, loss, metrics = _weighted_policy_loss("sequence")
+    assert loss.item() == pytest.approx((CAP * sum(per_token[0][:3]) + sum(per_token[1])) / 8192, rel=1e-12)
+    assert metrics["importance_weight_mean"].item() == pytest.approx(CAP)
+    assert metrics["importance_capped_fraction"].item() == pytest.approx(1.0)  # every token of a capped sequence
+    loss.backward()
+    for t in range(3):
+        r = math.exp(logp[0][t] - old[0][t])
+        assert lp.grad[0, t].item() == pytest.approx(-CAP * adv[0] * r / 8192, rel=1e-9)
+
+
+def test_sequence_level_under_the_cap_and_far_over_it_without_overflow():
+    """Row 0: prod rho = e^(0.2 - 0.5) < C, the weight itself. Row 1: log prod rho = 2000, the weight exactly C."""
+    logp = [[-1.0, -1.0], [-1.0, -1.0]]
+    old = [[-1.0, -1.0], [-1.0, -1.0]]
+    behaviour = [[-1.2, -0.5], [-1001.0, -1001.0]]
+    lp, olp, a, m, o = _tensors(logp, old, [[1, 1], [1, 1]], [[0, 0], [0, 0]], [1.0, -1.0])
+    loss, metrics = policy_loss(
+        lp,
+        olp,
+        a,
+        m,
+        o,
+        norm_length=1,
+        behaviour_logprobs=torch.tensor(behaviour, dtype=torch.float64),
+        behaviour_mask=torch.ones(2, 2, dtype=torch.bool),
+        importance_level="sequence",
+        importance_cap=CAP,
+    )
+    w0 = math.exp(0.2 - 0.5)
+    assert loss.item() == pytest.approx(-1.0 * w0 * 2 + 1.0 * CAP * 2, rel=1e-12)  # ratio r = 1 on every token
+    assert metrics["importance_weight_mean"].item() == pytest.approx((2 * w0 + 2 * CAP) / 4, rel=1e-12)
+    assert metrics["importance_capped_fraction"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert torch.isfinite(lp.grad).all()
+    assert lp.grad.flatten().tolist() == pytest.approx([-w0, -w0, CAP, CAP], rel=1e-12)
+
+
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_off_is_bit_identical_to_no_behaviour_logprobs_but_reports_the_mismatch(clip):
+    logp, old, mask, off, adv, _, _ = _stale_batch()
+    lp, olp, a, m, o = _tensors(logp, old, mask, off, adv)
+    plain, plain_metrics = policy_loss(lp, olp, a, m, o, clip_eps=clip, norm_length=8192)
+    plain.backward()
+    lp_off, off_loss, off_metrics = _weighted_policy_loss("off", clip=clip)
+    off_loss.backward()
+    assert torch.equal(off_loss, plain) and torch.equal(lp_off.grad, lp.grad)
+    assert all(torch.equal(off_metrics[k], v) for k, v in plain_metrics.items())
+    rhos = _rhos()
+    assert off_metrics["importance_weight_mean"].item() == pytest.approx(sum(min(r, CAP) for r in rhos) / 3)
+    assert off_metrics["importance_capped_fraction"].item() == pytest.approx(1 / 3)
+    assert "importance_weight_mean" not in plain_metrics
+
+
+@pytest.mark.parametrize("aggregation", ["token-sum", "seq-mean-token-mean"])
+def test_weights_do_not_change_the_normalisation(aggregation):
+    """A row of weight-1 tokens (rho = 1) gives the unweighted loss: the divisors stay L (token-sum) or counts."""
+    logp, old, mask, off, adv = _batch()
+    lp, olp, a, m, o = _tensors(logp, old, mask, off, adv)
+    plain, _ = policy_loss(lp, olp, a, m, o, aggregation=aggregation, norm_length=8192)
+    weighted, metrics = policy_loss(
+        lp,
+        olp,
+        a,
+        m,
+        o,
+        aggregation=aggregation,
+        norm_length=8192,
+        behaviour_logprobs=olp.clone(),
+        behaviour_mask=m.bool() & ~o.bool(),
+        importance_level="token",
+    )
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-15)
+    assert metrics["importance_weight_mean"].item() == 1.0 and metrics["kl_behaviour_old"].item() == 0.0
+
+
+def test_unknown_importance_level_is_refused():
+    lp, olp, a, m, o = _tensors(*_batch())
+    with pytest.raises(ValueError, match="unknown importance level 'tokens'"):
+        policy_loss(lp, olp, a, m, o, behaviour_logprobs=olp, importance_level="tokens")

@@ -190,8 +190,10 @@ def _loss_history(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
 def test_sigkill_and_resume_with_staleness_gives_the_uninterrupted_losses(
     tiny_model_dir, tiny_run_config, task_dir, tmp_path, mlflow_server
 ):
-    """Against a rollout server (the cluster path), so the trainer process runs no math but training: a resumed
-    run then trains bit for bit what the uninterrupted one trained (docs/rollouts.md on the in-process engine)."""
+    """Against a rollout server (the cluster path), so the trainer process runs no math but training, and without the
+    importance correction, whose weights read the engine's log-probs: those can differ in their last bits between
+    two runs with the same tokens (continuous batching), so with it two uninterrupted runs already differ by float
+    rounding. The resumed run then trains bit for bit what the uninterrupted one trained (docs/rollouts.md)."""
     from luffy_trainer.rollout.serve import LocalRolloutServer
 
     client = MlflowClient(mlflow_server.uri)
@@ -202,6 +204,7 @@ def test_sigkill_and_resume_with_staleness_gives_the_uninterrupted_losses(
         server = LocalRolloutServer(tiny_model_dir, free_port(), log_path=work / "server.log", max_model_len=128)
         config = tiny_run_config(
             task_dir,
+            algorithm={"importanceCorrection": "off"},
             rollout={
                 "maxStaleness": 1,
                 "backend": "vllm-server",

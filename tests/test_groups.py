@@ -176,3 +176,194 @@ def test_sft_loss_is_the_token_mean_nll_of_the_traces_without_entropy_bonus():
     )
     assert loss.item() == pytest.approx((1.0 + 2.0 + 0.5 + 0.25 + 3.0) / 5)
     assert metrics["nll_loss"].item() == pytest.approx(loss.item()) and metrics["entropy"].item() == 1.0
+
+
+# --- behaviour log-probs: from the engine's completions to the importance weights ------------------------------------
+
+BEHAVIOUR = [  # per group, per rollout (3 tokens each): the engine's log-probs
+    [[-1.5, -0.2, -2.0], [-1.0, -1.1, -0.9]],
+    [[-2.5, -0.5, -1.0], [-0.7, -1.3, -1.0]],
+]
+THETA = -1.0  # every token's log-prob under the trained policy (and pi_old: one optimizer step, ratio 1)
+
+
+def _stale_groups(with_behaviour: bool = True) -> list[GroupInput]:
+    groups = []
+    for g, logprobs in enumerate(BEHAVIOUR):
+        base = _group(k_correct=g, n_on=2, prompt=(1, 2, 3)[: g + 2])
+        extra = {"rollout_logprobs": logprobs, "rollout_versions": [4 + g, 5]} if with_behaviour else {}
+        groups.append(GroupInput(**{**base.__dict__, **extra}))
+    return groups
+
+
+def test_build_samples_copies_behaviour_logprobs_and_versions_onto_rollouts_only():
+    samples = build_samples(_stale_groups(), AlgorithmConfig(mode="luffy", n_on_policy=2))
+    on = [s for s in samples if not s.off_policy]
+    assert [s.behaviour_logprobs for s in on] == [tuple(lp) for group in BEHAVIOUR for lp in group]
+    assert [s.weight_version for s in on] == [4, 5, 5, 5]
+    assert all(s.behaviour_logprobs is None and s.weight_version is None for s in samples if s.off_policy)
+    plain = build_samples(_stale_groups(with_behaviour=False), AlgorithmConfig(mode="luffy", n_on_policy=2))
+    assert all(s.behaviour_logprobs is None and s.weight_version is None for s in plain)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rollout_logprobs": [[-1.0, -1.0, -1.0]]}, "prompt 0: 2 rollouts but 1 log-prob lists"),
+        ({"rollout_versions": [1, 2, 3]}, "prompt 0: 2 rollouts but 3 weight versions"),
+        ({"rollout_logprobs": [[-1.0, -1.0, -1.0], [-1.0]]}, "prompt 0, rollout 1: 3 tokens but 1 log-probs"),
+    ],
+)
+def test_behaviour_lengths_that_do_not_match_the_rollouts_are_refused(change, message):
+    group = GroupInput(**{**_group(k_correct=1, n_on=2).__dict__, **change})
+    with pytest.raises(ValueError, match=message):
+        build_samples([group], AlgorithmConfig(mode="luffy", n_on_policy=2))
+
+
+def test_collate_aligns_behaviour_logprobs_with_the_response_positions():
+    samples = build_samples(_stale_groups()[:1], AlgorithmConfig(mode="luffy", n_on_policy=2))
+    batch = collate(samples, pad_id=0)
+    assert batch.response_width == 5  # the trace's 5 tokens; rollouts are right-padded like their token ids
+    assert batch.behaviour_logprobs.dtype == torch.float32
+    expected = torch.tensor([[-1.5, -0.2, -2.0, 0, 0], [-1.0, -1.1, -0.9, 0, 0], [0] * 5], dtype=torch.float32)
+    assert torch.equal(batch.behaviour_logprobs, expected)
+    assert batch.behaviour_mask.tolist() == [[True] * 3 + [False] * 2] * 2 + [[False] * 5]
+    idle = batch.without_loss()
+    assert not idle.behaviour_mask.any() and idle.behaviour_logprobs is batch.behaviour_logprobs
+    assert collate(samples[-1:], pad_id=0).behaviour_logprobs is None  # the trace alone: nothing to weigh
+
+
+def _closed_form_is_metrics(cap: float) -> dict[str, float]:
+    rhos = [math.exp(THETA - b) for group in BEHAVIOUR for lp in group for b in lp]
+    return {
+        "importance_weight_mean": sum(min(r, cap) for r in rhos) / len(rhos),
+        "importance_capped_fraction": sum(r > cap for r in rhos) / len(rhos),
+        "kl_behaviour_old": sum(r - 1 - math.log(r) for r in rhos) / len(rhos),
+    }
+
+
+@pytest.mark.parametrize("level", ["token", "off"])
+def test_importance_metrics_and_loss_combine_across_micro_batches(level):
+    from luffy_trainer.distributed import World
+    from luffy_trainer.policy import MetricAccumulator
+
+    algo = AlgorithmConfig(mode="luffy", n_on_policy=2, entropy_coeff=0.0, importance_cap=2.0)
+    samples = build_samples(_stale_groups(), algo)
+
+    def run(micro_sizes):
+        param = torch.full((len(samples), 5), THETA, dtype=torch.float64, requires_grad=True)
+        batches, start, acc, total = [], 0, MetricAccumulator(), 0.0
+        for size in micro_sizes:
+            batches.append((collate(samples[start : start + size], pad_id=0), slice(start, start + size)))
+            start += size
+        totals = MiniBatchTotals.of([b for b, _ in batches])
+        for batch, rows in batches:
+            logp = param[rows][:, : batch.response_width]
+            loss, metrics = micro_batch_loss(
+                batch, logp, logp.detach(), None, algo, norm_length=16, totals=totals, importance_level=level
+            )
+            loss.backward()
+            acc.add(metrics)
+            total += loss.item()
+        return total, param.grad, acc.result(World(), torch.device("cpu"))
+
+    whole_loss, whole_grad, whole = run([len(samples)])
+    split_loss, split_grad, split = run([2, 4])  # group 0's rollouts | its trace and all of group 1
+    expected = _closed_form_is_metrics(2.0)
+    for stats in (whole, split):
+        for key, value in expected.items():
+            assert stats[key] == pytest.approx(value, rel=1e-6), key  # behaviour log-probs travel as float32
+    assert split_loss == pytest.approx(whole_loss, rel=1e-12)
+    torch.testing.assert_close(split_grad, whole_grad)
+    # The gradient of an on-policy token (ratio 1) is -w A / normLength; A = 1/3 or -2/3, etc. from the group rewards.
+    on_rows = [i for i, s in enumerate(samples) if not s.off_policy]
+    for row, lp in zip(on_rows, [lp for group in BEHAVIOUR for lp in group], strict=True):
+        for t, b in enumerate(lp):
+            w = min(math.exp(THETA - b), 2.0) if level == "token" else 1.0
+            assert whole_grad[row, t].item() == pytest.approx(-w * samples[row].advantage / 16, rel=1e-6)
+
+
+def test_off_leaves_micro_batch_loss_and_gradients_bit_identical():
+    algo = AlgorithmConfig(mode="luffy", n_on_policy=2, clip_eps=0.2)
+    results = []
+    for with_behaviour in (True, False):
+        batch = collate(build_samples(_stale_groups(with_behaviour), algo), pad_id=0)
+        param = torch.linspace(-2.0, -0.1, batch.response_mask.numel()).reshape(batch.response_mask.shape)
+        param.requires_grad_(True)
+        entropy = torch.sigmoid(param)
+        loss, metrics = micro_batch_loss(
+            batch, param, param.detach() + 0.05, entropy, algo, 16, MiniBatchTotals.of([batch]), importance_level="off"
+        )
+        loss.backward()
+        results.append((loss, param.grad, metrics))
+    (loss_b, grad_b, metrics_b), (loss_p, grad_p, metrics_p) = results
+    assert torch.equal(loss_b, loss_p) and torch.equal(grad_b, grad_p)
+    assert all(torch.equal(metrics_b[k], v) for k, v in metrics_p.items())
+    assert "importance_weight_mean" in metrics_b and "importance_weight_mean" not in metrics_p
+
+
+@pytest.mark.parametrize(
+    ("correction", "staleness", "level"),
+    [("auto", 0, "off"), ("auto", 1, "token"), ("sequence", 0, "sequence"), ("off", 2, "off")],
+)
+def test_the_level_in_force_resolves_auto_against_the_staleness(correction, staleness, level):
+    from luffy_trainer.config import TrainConfig
+
+    config = TrainConfig(algorithm={"importanceCorrection": correction}, rollout={"maxStaleness": staleness})
+    assert config.importance_level == level
+
+
+DELTAS = [[0.3, -0.2, 1.0, 0.0], [-0.5, 0.9, 0.1, -1.2]]  # log rho per rollout token; 1.0 and 0.9 exceed log 2
+
+
+def _updater_run(model_dir: str, level: str, steps: int, with_behaviour: bool):
+    """One `PolicyUpdater.optimize` on the tiny model over 2 prompts x 2 rollouts whose behaviour log-probs are
+    pi_old - delta (pi_old: the fresh model's own log-probs), so that rho = e^delta. Returns the stats and the
+    updated parameters."""
+    from luffy_trainer.config import TrainConfig
+    from luffy_trainer.distributed import World
+    from luffy_trainer.policy import PolicyUpdater, build_optimizer, build_policy
+
+    config = TrainConfig(
+        model={"path": model_dir, "dtype": "float32", "gradientCheckpointing": False},
+        algorithm={"mode": "grpo", "nOnPolicy": 2, "importanceCorrection": level, "entropyCoeff": 0.0},
+        optimization={"lr": 1e-3, "optimizerStepsPerBatch": steps},
+    )
+    world, device = World(), torch.device("cpu")
+    tokenizer, policy = build_policy(config, world, device)
+    rollouts = [[(20, 21, 22, 23), (30, 31, 32, 33)], [(40, 41, 42, 43), (50, 51, 52, 53)]]
+    groups = [GroupInput((5 + g, 6, 7), r, [1.0, 0.0], [False, False], (), 0.0) for g, r in enumerate(rollouts)]
+    plain = build_samples(groups, config.algorithm)
+    if with_behaviour:
+        with torch.no_grad():
+            policy.eval()
+            old = policy(collate(plain, tokenizer.pad_token_id), temperature=1.0, with_entropy=False)[0]
+            policy.train()
+        behaviour = [[[float(old[2 * g + i, t]) - DELTAS[i][t] for t in range(4)] for i in range(2)] for g in range(2)]
+        groups = [GroupInput(**{**item.__dict__, "rollout_logprobs": behaviour[g]}) for g, item in enumerate(groups)]
+    optimizer, scheduler = build_optimizer(policy, config)
+    updater = PolicyUpdater(policy, optimizer, scheduler, config, tokenizer.pad_token_id, world, device)
+    stats = updater.optimize(build_samples(groups, config.algorithm))
+    return stats, [p.detach().clone() for p in policy.parameters()]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_policy_updater_weighs_rollouts_against_its_own_old_logprobs(tiny_model_dir, steps):
+    """pi_old is the current policy's detached log-prob with one optimizer step, the recomputation with two: either
+    way the metrics are the closed form over rho = e^delta, and `token` moves the weights differently from `off`."""
+    rhos = [math.exp(x) for row in DELTAS for x in row] * 2
+    weight_mean = sum(min(r, 2.0) for r in rhos) / len(rhos)
+    token, token_params = _updater_run(tiny_model_dir, "token", steps, with_behaviour=True)
+    off, off_params = _updater_run(tiny_model_dir, "off", steps, with_behaviour=True)
+    for stats in (token, off):  # with the correction off the metrics are still reported, min(rho, C) for the weight
+        assert stats["importance_weight_mean"] == pytest.approx(weight_mean, rel=1e-5)
+        assert stats["importance_capped_fraction"] == pytest.approx(2 / 8)
+        assert stats["kl_behaviour_old"] == pytest.approx(sum(r - 1 - math.log(r) for r in rhos) / 16, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(token_params, off_params, strict=True))
+
+
+def test_policy_updater_with_the_correction_off_updates_bit_identically(tiny_model_dir):
+    with_behaviour, params = _updater_run(tiny_model_dir, "off", 1, with_behaviour=True)
+    without, plain_params = _updater_run(tiny_model_dir, "off", 1, with_behaviour=False)
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params, strict=True))
+    assert {k: v for k, v in with_behaviour.items() if not k.startswith(("importance_", "kl_"))} == without

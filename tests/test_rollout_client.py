@@ -89,7 +89,7 @@ def test_serve_command_adds_the_extension_and_safe_defaults(tmp_path):
         "--port 8123",
         f"--worker-extension-cls {EXTENSION_CLS}",
         "--enable-prefix-caching",
-        "--logprobs-mode raw_logprobs",
+        "--logprobs-mode processed_logprobs",
         "--generation-config vllm",
         "--served-model-name policy",
         "--enforce-eager",

@@ -7,7 +7,16 @@ import pytest
 import torch
 from luffy_trainer.rollout import RolloutEngine, RolloutError, SamplingParams
 from luffy_trainer.rollout.hf_engine import HFEngine
-from rollout_reference import MAX_TOKENS, assert_logprobs_match, hf_weights, load_hf, make_prompts
+from rollout_reference import (
+    MAX_TOKENS,
+    assert_logprobs_match,
+    hf_logprobs,
+    hf_weights,
+    load_hf,
+    make_prompts,
+    max_gap,
+    trainer_logprobs,
+)
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 
@@ -46,7 +55,7 @@ def test_greedy_batched_with_left_padding_equals_argmax_decoding(engine, tiny_mo
         assert_logprobs_match(tiny_model_dir, prompt, c.token_ids, c.logprobs)
 
 
-def test_sampling_is_seeded_and_returns_raw_logprobs_of_the_sampled_tokens(engine, tiny_model_dir):
+def test_sampling_is_seeded_and_returns_the_sampled_distributions_logprobs(engine, tiny_model_dir):
     prompts = make_prompts((9, 30))
     params = SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, top_k=50)
     first = engine.generate(prompts, n=3, params=params, seed=11)
@@ -55,7 +64,18 @@ def test_sampling_is_seeded_and_returns_raw_logprobs_of_the_sampled_tokens(engin
     for prompt, completions in zip(prompts, first, strict=True):
         assert len(completions) == 3
         for c in completions:
-            assert_logprobs_match(tiny_model_dir, prompt, c.token_ids, c.logprobs)  # raw: unscaled log-softmax
+            # softmax(logits / 0.7) over the 50 most likely tokens and then the 0.9 nucleus, renormalised
+            assert_logprobs_match(tiny_model_dir, prompt, c.token_ids, c.logprobs, temperature=0.7, top_k=50, top_p=0.9)
+
+
+def test_logprobs_at_temperature_are_what_the_trainer_recomputes(engine, tiny_model_dir):
+    """As with vLLM: at temperature 0.7 the returned log-probs equal the trainer's token_logprobs(logits / 0.7)."""
+    prompts = make_prompts((9, 30))
+    out = engine.generate(prompts, n=2, params=SamplingParams(max_tokens=12, temperature=0.7), seed=3)
+    for prompt, completions in zip(prompts, out, strict=True):
+        for c in completions:
+            assert max_gap(c.logprobs, trainer_logprobs(tiny_model_dir, prompt, c.token_ids, 0.7)) < 1e-4
+            assert max_gap(c.logprobs, hf_logprobs(tiny_model_dir, prompt, c.token_ids)) > 1e-2
 
 
 def test_update_weights_switches_model_and_version(engine, tiny_model_dir, tiny_model_b_dir):

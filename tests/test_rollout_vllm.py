@@ -12,9 +12,12 @@ from rollout_reference import (
     MAX_TOKENS,
     assert_greedy_matches_hf,
     assert_logprobs_match,
+    hf_logprobs,
     hf_weights,
     make_prompts,
+    max_gap,
     token_ids,
+    trainer_logprobs,
 )
 
 pytestmark = pytest.mark.vllm
@@ -41,7 +44,7 @@ def test_greedy_tokens_and_logprobs_match_hf(engine, tiny_model_dir):
     assert all(c.finish_reason == "length" for cs in out for c in cs if len(c.token_ids) == MAX_TOKENS)
 
 
-def test_seeded_sampling_is_reproducible_with_raw_logprobs(engine, tiny_model_dir):
+def test_seeded_sampling_is_reproducible_with_the_sampled_distributions_logprobs(engine, tiny_model_dir):
     prompts = make_prompts((8, 150))
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=40)
     first = engine.generate(prompts, n=3, params=params, seed=5)
@@ -50,8 +53,21 @@ def test_seeded_sampling_is_reproducible_with_raw_logprobs(engine, tiny_model_di
     samples = [s for completions in token_ids(first) for s in completions]
     assert len(set(samples)) == len(samples)  # no random stream shared between prompts or samples
     for prompt, completions in zip(prompts, first, strict=True):
-        for c in completions:  # raw mode: log-probs of the model itself, not of the temperature-scaled sampler
-            assert_logprobs_match(tiny_model_dir, prompt, c.token_ids, c.logprobs)
+        for c in completions:  # processed mode: softmax(logits / 0.8) over the 40 most likely tokens
+            assert_logprobs_match(tiny_model_dir, prompt, c.token_ids, c.logprobs, temperature=0.8, top_k=40)
+
+
+def test_logprobs_at_temperature_are_what_the_trainer_recomputes(engine, tiny_model_dir):
+    """The behaviour log-probs of the importance weights: at temperature 0.7 the engine's equal the trainer's
+    token_logprobs(logits / 0.7), and differ from the unscaled model's (what vLLM's raw mode would return)."""
+    prompts = make_prompts((8, 150))
+    out = engine.generate(prompts, n=3, params=SamplingParams(max_tokens=10, temperature=0.7), seed=4)
+    gaps = []
+    for prompt, completions in zip(prompts, out, strict=True):
+        for c in completions:
+            gaps.append(max_gap(c.logprobs, trainer_logprobs(tiny_model_dir, prompt, c.token_ids, 0.7)))
+            assert max_gap(c.logprobs, hf_logprobs(tiny_model_dir, prompt, c.token_ids)) > 1e-2
+    assert max(gaps) < 1e-4, gaps
 
 
 def test_seeded_batch_larger_than_one_prefill_step_completes(engine):

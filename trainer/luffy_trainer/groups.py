@@ -37,6 +37,8 @@ class Sample:
     policy_gradient: bool  # contributes to the (mixed-)policy loss
     nll: bool  # contributes to the NLL (SFT) term
     truncated: bool = False
+    behaviour_logprobs: tuple[float, ...] | None = None  # the engine's log-prob of each sampled token (rollouts only)
+    weight_version: int | None = None  # the weights the engine sampled it with (rollouts only)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class GroupInput:
     rollout_truncated: Sequence[bool]
     trace_ids: Sequence[int]
     trace_reward: float
+    rollout_logprobs: Sequence[Sequence[float]] | None = None  # per rollout, the engine's log-prob of each token
+    rollout_versions: Sequence[int] | None = None  # per rollout, the weight version that sampled it
 
 
 def build_samples(groups: Sequence[GroupInput], algorithm: AlgorithmConfig) -> list[Sample]:
@@ -60,6 +64,13 @@ def build_samples(groups: Sequence[GroupInput], algorithm: AlgorithmConfig) -> l
         rollouts = list(item.rollouts) if algorithm.uses_rollouts else []
         if len(rollouts) != len(item.rollout_rewards):
             raise ValueError(f"prompt {g}: {len(rollouts)} rollouts but {len(item.rollout_rewards)} rewards")
+        for name, values in (("log-prob lists", item.rollout_logprobs), ("weight versions", item.rollout_versions)):
+            if values is not None and len(values) != len(rollouts):
+                raise ValueError(f"prompt {g}: {len(rollouts)} rollouts but {len(values)} {name}")
+        if item.rollout_logprobs is not None:
+            for i, (response, logprobs) in enumerate(zip(rollouts, item.rollout_logprobs, strict=True)):
+                if len(logprobs) != len(response):
+                    raise ValueError(f"prompt {g}, rollout {i}: {len(response)} tokens but {len(logprobs)} log-probs")
         if n_traces and not item.trace_ids:
             raise ValueError(f"prompt {g}: mode {algorithm.mode!r} needs an off-policy trace, but the example has none")
         group_rewards = list(item.rollout_rewards) + [item.trace_reward] * in_group_traces
@@ -84,6 +95,8 @@ def build_samples(groups: Sequence[GroupInput], algorithm: AlgorithmConfig) -> l
                     True,
                     False,
                     bool(item.rollout_truncated[i]),
+                    None if item.rollout_logprobs is None else tuple(map(float, item.rollout_logprobs[i])),
+                    None if item.rollout_versions is None else int(item.rollout_versions[i]),
                 )
             )
         for j in range(n_traces):
@@ -115,12 +128,25 @@ class TensorBatch:
     token_mask: torch.Tensor  # [B, R] every real response token, whatever term it feeds (entropy)
     advantages: torch.Tensor  # [B]
     response_width: int
+    # [B, R] float32: the engine's log-prob of each response token, aligned with token_logprobs' output (0 where
+    # behaviour_mask is not set); None when no sample of the batch has them.
+    behaviour_logprobs: torch.Tensor | None = None
+    behaviour_mask: torch.Tensor | None = None  # [B, R] where behaviour_logprobs exist
 
     def without_loss(self) -> TensorBatch:
         """The same inputs contributing nothing: a rank with fewer micro-batches runs it to keep collectives in step."""
         none = torch.zeros_like(self.response_mask, dtype=torch.bool)
         return TensorBatch(
-            self.input_ids, self.attention_mask, none, none, none, none, self.advantages, self.response_width
+            self.input_ids,
+            self.attention_mask,
+            none,
+            none,
+            none,
+            none,
+            self.advantages,
+            self.response_width,
+            self.behaviour_logprobs,
+            None if self.behaviour_mask is None else none,
         )
 
 
@@ -148,7 +174,23 @@ def collate(samples: Sequence[Sample], pad_id: int) -> TensorBatch:
         nll[i, :r] = s.nll
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     tokens = attention[:, width_p:].bool()
-    return TensorBatch(input_ids, attention, response, off, nll, tokens, advantages, width_r)
+    behaviour, behaviour_mask = _behaviour_logprobs(samples, width_r)
+    return TensorBatch(input_ids, attention, response, off, nll, tokens, advantages, width_r, behaviour, behaviour_mask)
+
+
+def _behaviour_logprobs(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The samples' engine log-probs right-padded to the response width, and where they exist (None if nowhere)."""
+    if all(s.behaviour_logprobs is None for s in samples):
+        return None, None
+    values = torch.zeros((len(samples), width), dtype=torch.float32)
+    present = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        if s.behaviour_logprobs is None:
+            continue
+        n = len(s.response_ids)
+        values[i, :n] = torch.tensor(s.behaviour_logprobs, dtype=torch.float32)
+        present[i, :n] = True
+    return values, present
 
 
 def split_minibatches(samples: Sequence[Sample], num_minibatches: int) -> list[list[Sample]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from luffy_trainer.algorithm import masked_mean, policy_loss
+from luffy_trainer.algorithm import ImportanceLevel, masked_mean, policy_loss
 from luffy_trainer.config import AlgorithmConfig
 from luffy_trainer.groups import TensorBatch
 
@@ -53,10 +53,13 @@ def micro_batch_loss(
     norm_length: int,
     totals: MiniBatchTotals,
     world_size: int = 1,
+    *,
+    importance_level: ImportanceLevel = "off",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's share of one micro-batch in the mini-batch objective (summed over micro-batches and ranks) and its
     metrics: the policy-gradient parts and `loss` add up to the objective; `entropy` and `nll_loss` are parts of the
-    mini-batch's token means, whatever the scaling."""
+    mini-batch's token means, whatever the scaling. `importance_level` (TrainConfig.importance_level, `auto` resolved)
+    weights the on-policy tokens that carry behaviour log-probs, truncated at `algorithm.importance_cap`."""
     released = algorithm.loss_scale == "released"
     rank_share = 1.0 / world_size if released else 1.0
     loss = logprobs.sum() * 0.0
@@ -78,6 +81,12 @@ def micro_batch_loss(
             norm_length=divisor,
             off_policy_max_clip=algorithm.off_policy_max_clip,
             off_policy_min_clip=algorithm.off_policy_min_clip,
+            behaviour_logprobs=None
+            if batch.behaviour_logprobs is None
+            else batch.behaviour_logprobs.to(logprobs.device),
+            behaviour_mask=None if batch.behaviour_mask is None else batch.behaviour_mask.to(logprobs.device),
+            importance_level=importance_level,
+            importance_cap=algorithm.importance_cap,
         )
         share = rank_share
         if aggregation == "seq-mean-token-mean":

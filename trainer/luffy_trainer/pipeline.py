@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from luffy_trainer.groups import Sample
 from luffy_trainer.rollout.base import RolloutError
@@ -23,12 +23,16 @@ from luffy_trainer.rollout.base import RolloutError
 
 @dataclass
 class RolloutBatch:
-    """One step's samples with its batch metrics and the weight version of each on-policy completion."""
+    """One step's samples with its batch metrics."""
 
     step: int
     samples: list[Sample]
     metrics: dict[str, float]
-    versions: list[int] = field(default_factory=list)
+
+    @property
+    def versions(self) -> list[int]:
+        """The weight version that generated each on-policy completion."""
+        return [s.weight_version for s in self.samples if s.weight_version is not None]
 
 
 def generation_version(step: int, max_staleness: int) -> int:

@@ -31,6 +31,9 @@ TOKEN_WEIGHTED = {
     "off_policy_shaped_mean": "off_policy_tokens",
     "on_policy_ratio_mean": "on_policy_tokens",
     "clip_fraction": "on_policy_tokens",
+    "importance_weight_mean": "on_policy_tokens",
+    "importance_capped_fraction": "on_policy_tokens",
+    "kl_behaviour_old": "on_policy_tokens",
 }
 
 
@@ -191,6 +194,7 @@ class PolicyUpdater:
             self.config.norm_length,
             totals,
             self.world.world_size,
+            importance_level=self.config.importance_level,
         )
         (loss * self.world.world_size).backward()
         return metrics

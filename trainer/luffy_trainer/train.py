@@ -58,6 +58,9 @@ METRIC_NAMES = {
     "off_policy_shaped_mean": "actor/off_policy_shaped_mean",
     "on_policy_ratio_mean": "actor/on_policy_ratio_mean",
     "clip_fraction": "actor/clip_fraction",
+    "importance_weight_mean": "is/weight_mean",
+    "importance_capped_fraction": "is/capped_fraction",
+    "kl_behaviour_old": "is/kl_behaviour_old",
     "grad_norm": "actor/grad_norm",
     "lr": "actor/lr",
 }
@@ -283,6 +286,8 @@ class LuffyTrainer:
                 rollout_truncated=[c.finish_reason == "length" for c in outs],
                 trace_ids=ex.trace_ids,
                 trace_reward=tr,
+                rollout_logprobs=[c.logprobs for c in outs],
+                rollout_versions=[c.weight_version for c in outs],
             )
             for ex, outs, rr, tr in zip(examples, completions, rollout_rewards, trace_rewards, strict=True)
         ]
@@ -297,8 +302,7 @@ class LuffyTrainer:
                 "progress/epoch": float(epoch),
             }
         )
-        versions = [c.weight_version for outs in completions for c in outs]
-        return RolloutBatch(step, samples, metrics, versions)
+        return RolloutBatch(step, samples, metrics)
 
     def _collect(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Rank 0: batch `step` from the pipeline, with its staleness and how long training waited for it."""

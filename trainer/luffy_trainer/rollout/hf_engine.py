@@ -1,8 +1,8 @@
 """Rollouts with Hugging Face transformers `generate`, for models or machines vLLM cannot serve.
 
-Much slower than vLLM on real models, but it needs nothing beyond transformers. Log-probs are those of the raw model
-distribution (log-softmax of the unprocessed logits), as with vLLM's `raw_logprobs` mode. A seeded call is
-reproducible, but its samples differ from vLLM's for the same seed.
+Much slower than vLLM on real models, but it needs nothing beyond transformers. Log-probs are those of the distribution
+sampled (log-softmax of generate's processed scores: after temperature, top-k and top-p), as with vLLM's
+`processed_logprobs` mode. A seeded call is reproducible, but its samples differ from vLLM's for the same seed.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class HFEngine:
         sampling = {} if is_greedy(params) else {
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "top_k": params.top_k if params.top_k > 0 else None,
+            "top_k": max(params.top_k, 0),  # 0 turns top-k off; None would mean generate's default of 50
         }  # fmt: skip
         config = GenerationConfig(
             max_new_tokens=params.max_tokens,
@@ -98,7 +98,7 @@ class HFEngine:
             num_return_sequences=k,
             eos_token_id=self._eos,
             pad_token_id=self._pad,
-            output_logits=True,
+            output_scores=True,
             return_dict_in_generate=True,
             **sampling,
         )
@@ -112,7 +112,7 @@ class HFEngine:
                 generation_config=config,
             )
         tokens = result.sequences[:, width:].cpu()
-        logprobs = torch.stack(result.logits, dim=1).float().log_softmax(-1)
+        logprobs = torch.stack(result.scores, dim=1).float().log_softmax(-1)
         logprobs = logprobs.gather(-1, tokens.to(logprobs.device).unsqueeze(-1)).squeeze(-1).cpu()
         completions: list[list[Completion]] = [[] for _ in prompts]
         for row in range(tokens.shape[0]):  # rows are prompt 0 x k, prompt 1 x k, ...

