@@ -18,7 +18,7 @@ pool); TRL 1.16 runs GRPOTrainer with `transformers` generate, in its own enviro
   are logged after everything else of the step; TRL: `on_step_end`), over `--steps` steps after `--warmup` steps.
   Generation is luffy's `time/generate_s` and TRL's own `transformers.generate` timer; the rest is step minus
   generation. Peak RSS is the high-water mark of the sum of RSS over the run's process tree (its reward workers
-  included), sampled every 50 ms; start-up time is from process start to the end of the first step.
+  included), sampled every 200 ms; start-up time is from process start to the end of the first step.
 
     .venv/bin/python -P benchmarks/vs_trl.py                     # luffy, luffy k=1, TRL; 3 runs each
     .venv/bin/python -P benchmarks/vs_trl.py --variants luffy trl --runs 5
@@ -242,7 +242,7 @@ def launch(variant: dict, setup: Path, steps: int, log_dir: Path, index: int) ->
         while proc.poll() is None:
             tree, main = tree_rss(proc.pid)
             peak, peak_main = max(peak, tree), max(peak_main, main)
-            time.sleep(0.05)
+            time.sleep(0.2)
     if proc.returncode != 0:
         raise SystemExit(f"{variant['name']} run {index} failed (exit {proc.returncode}); log: {workdir / 'log.txt'}")
     result = json.loads(out.read_text())
