@@ -167,7 +167,7 @@ def main() -> None:
           f"{args.steps} steps per block, medians after {args.warmup} warm-up steps\n")  # fmt: skip
     print(
         "| block | k | step (s) | steps/s | generate (s) | train (s) | weight sync (s) | trainer idle | rollout idle |"
-    )  # noqa: E501
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(rows):
         print(
