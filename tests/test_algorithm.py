@@ -375,7 +375,7 @@ def test_off_is_bit_identical_to_no_behaviour_logprobs_but_reports_the_mismatch(
     lp, olp, a, m, o = _tensors(logp, old, mask, off, adv)
     plain, plain_metrics = policy_loss(lp, olp, a, m, o, clip_eps=clip, norm_length=8192)
     plain.backward()
-    lp_off, off_loss, off_metrics = _weighted_policy_loss("off", clip=clip)
+    lp_off, off_loss, off_metrics = _weighted_policy_loss("none", clip=clip)
     off_loss.backward()
     assert torch.equal(off_loss, plain) and torch.equal(lp_off.grad, lp.grad)
     assert all(torch.equal(off_metrics[k], v) for k, v in plain_metrics.items())

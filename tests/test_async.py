@@ -204,7 +204,7 @@ def test_sigkill_and_resume_with_staleness_gives_the_uninterrupted_losses(
         server = LocalRolloutServer(tiny_model_dir, free_port(), log_path=work / "server.log", max_model_len=128)
         config = tiny_run_config(
             task_dir,
-            algorithm={"importanceCorrection": "off"},
+            algorithm={"importanceCorrection": "none"},
             rollout={
                 "maxStaleness": 1,
                 "backend": "vllm-server",

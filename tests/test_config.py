@@ -156,3 +156,10 @@ def test_dump_round_trips_and_flattens():
     assert flat["algorithm.gamma"] == "0.5"
     assert flat["algorithm.clip_eps"] == "null"
     assert flat["data.train_files"] == "['a', 'b']"
+
+
+@pytest.mark.parametrize("level", ["auto", "none", "token", "sequence"])
+def test_importance_correction_levels_survive_yaml(level):
+    """Written unquoted in YAML, as users write them (an `off` would be read as a boolean)."""
+    config = TrainConfig.model_validate(yaml.safe_load(f"algorithm:\n  importanceCorrection: {level}\n"))
+    assert config.algorithm.importance_correction == level

@@ -242,7 +242,7 @@ def _closed_form_is_metrics(cap: float) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("level", ["token", "off"])
+@pytest.mark.parametrize("level", ["token", "none"])
 def test_importance_metrics_and_loss_combine_across_micro_batches(level):
     from luffy_trainer.distributed import World
     from luffy_trainer.policy import MetricAccumulator
@@ -292,7 +292,7 @@ def test_off_leaves_micro_batch_loss_and_gradients_bit_identical():
         param.requires_grad_(True)
         entropy = torch.sigmoid(param)
         loss, metrics = micro_batch_loss(
-            batch, param, param.detach() + 0.05, entropy, algo, 16, MiniBatchTotals.of([batch]), importance_level="off"
+            batch, param, param.detach() + 0.05, entropy, algo, 16, MiniBatchTotals.of([batch]), importance_level="none"
         )
         loss.backward()
         results.append((loss, param.grad, metrics))
@@ -304,7 +304,7 @@ def test_off_leaves_micro_batch_loss_and_gradients_bit_identical():
 
 @pytest.mark.parametrize(
     ("correction", "staleness", "level"),
-    [("auto", 0, "off"), ("auto", 1, "token"), ("sequence", 0, "sequence"), ("off", 2, "off")],
+    [("auto", 0, "none"), ("auto", 1, "token"), ("sequence", 0, "sequence"), ("none", 2, "none")],
 )
 def test_the_level_in_force_resolves_auto_against_the_staleness(correction, staleness, level):
     from luffy_trainer.config import TrainConfig
@@ -350,11 +350,11 @@ def _updater_run(model_dir: str, level: str, steps: int, with_behaviour: bool):
 @pytest.mark.parametrize("steps", [1, 2])
 def test_policy_updater_weighs_rollouts_against_its_own_old_logprobs(tiny_model_dir, steps):
     """pi_old is the current policy's detached log-prob with one optimizer step, the recomputation with two: either
-    way the metrics are the closed form over rho = e^delta, and `token` moves the weights differently from `off`."""
+    way the metrics are the closed form over rho = e^delta, and `token` moves the weights differently from `none`."""
     rhos = [math.exp(x) for row in DELTAS for x in row] * 2
     weight_mean = sum(min(r, 2.0) for r in rhos) / len(rhos)
     token, token_params = _updater_run(tiny_model_dir, "token", steps, with_behaviour=True)
-    off, off_params = _updater_run(tiny_model_dir, "off", steps, with_behaviour=True)
+    off, off_params = _updater_run(tiny_model_dir, "none", steps, with_behaviour=True)
     for stats in (token, off):  # with the correction off the metrics are still reported, min(rho, C) for the weight
         assert stats["importance_weight_mean"] == pytest.approx(weight_mean, rel=1e-5)
         assert stats["importance_capped_fraction"] == pytest.approx(2 / 8)
@@ -363,7 +363,7 @@ def test_policy_updater_weighs_rollouts_against_its_own_old_logprobs(tiny_model_
 
 
 def test_policy_updater_with_the_correction_off_updates_bit_identically(tiny_model_dir):
-    with_behaviour, params = _updater_run(tiny_model_dir, "off", 1, with_behaviour=True)
-    without, plain_params = _updater_run(tiny_model_dir, "off", 1, with_behaviour=False)
+    with_behaviour, params = _updater_run(tiny_model_dir, "none", 1, with_behaviour=True)
+    without, plain_params = _updater_run(tiny_model_dir, "none", 1, with_behaviour=False)
     assert all(torch.equal(a, b) for a, b in zip(params, plain_params, strict=True))
     assert {k: v for k, v in with_behaviour.items() if not k.startswith(("importance_", "kl_"))} == without

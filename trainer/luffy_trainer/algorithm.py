@@ -26,7 +26,7 @@ import torch
 # `algorithm.aggregation: token-mean` is not among them: loss.py computes it as a token sum over the mini-batch's token
 # count, so that it does not depend on how a mini-batch is cut into micro-batches and ranks.
 Aggregation = Literal["token-sum", "seq-mean-token-mean"]
-ImportanceLevel = Literal["off", "token", "sequence"]
+ImportanceLevel = Literal["none", "token", "sequence"]
 
 
 def group_advantages(rewards: torch.Tensor, *, normalize_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
@@ -96,13 +96,13 @@ def importance_weights(
     """The truncated importance weight of each `mask`ed token (1 elsewhere) and its metrics, all without gradient.
 
     With log rho_t = logp_old_t - logp_behaviour_t: `token` w_t = min(rho_t, C); `sequence` one w = min(prod_t rho_t, C)
-    per row, broadcast to its tokens; `off` w = 1. Logs are clamped at log C before exp, so no product overflows.
+    per row, broadcast to its tokens; `none` w = 1. Logs are clamped at log C before exp, so no product overflows.
     Metrics are means over the masked tokens, whatever the level: `importance_weight_mean` (the weight used; under
-    `off`, min(rho_t, C), what `token` would use), `importance_capped_fraction` (share of tokens whose rho, of the
+    `none`, min(rho_t, C), what `token` would use), `importance_capped_fraction` (share of tokens whose rho, of the
     token or under `sequence` of its sequence, exceeds C) and `kl_behaviour_old`, the k3 estimate of
     KL(behaviour || old), mean(rho - 1 - log rho), unbiased under sampling from the behaviour policy and never negative.
     """
-    if level not in ("off", "token", "sequence"):
+    if level not in ("none", "token", "sequence"):
         raise ValueError(f"unknown importance level {level!r}; expected off, token or sequence")
     with torch.no_grad():
         mask = mask.bool()
@@ -121,7 +121,7 @@ def importance_weights(
             "importance_capped_fraction": masked_mean(capped.float(), mask),
             "kl_behaviour_old": masked_mean(torch.expm1(log_rho) - log_rho, mask),
         }
-        if level == "off":
+        if level == "none":
             weights = torch.ones_like(weights)
     return weights.to(old_logprobs.dtype), metrics
 
@@ -141,14 +141,14 @@ def policy_loss(
     off_policy_min_clip: float | None = None,
     behaviour_logprobs: torch.Tensor | None = None,
     behaviour_mask: torch.Tensor | None = None,
-    importance_level: ImportanceLevel = "off",
+    importance_level: ImportanceLevel = "none",
     importance_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mixed-policy loss (module docstring), aggregated over the response tokens.
 
     `behaviour_logprobs` (with `behaviour_mask`, where they exist) are the engine's sampling log-probs of on-policy
     tokens: under `importance_level` token or sequence each on-policy term, PPO clip included, is multiplied by the
-    truncated weight of `importance_weights`; under `off` the loss is untouched, but the weight metrics are still
+    truncated weight of `importance_weights`; under `none` the loss is untouched, but the weight metrics are still
     returned so that the engine/trainer mismatch stays visible.
 
     `off_policy_mask` marks trace tokens; `old_logprobs` is only read on on-policy tokens. The optional clamps bound
@@ -181,7 +181,7 @@ def policy_loss(
         weights, is_metrics = importance_weights(
             old_logprobs, behaviour_logprobs, present, importance_level, importance_cap
         )
-        if importance_level != "off":
+        if importance_level != "none":
             on_loss_tok = weights * on_loss_tok
 
     # Off-policy: behaviour probability 1, ratio = p, shaped by f and never clipped.

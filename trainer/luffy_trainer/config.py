@@ -28,7 +28,7 @@ RolloutBackend = Literal["vllm", "vllm-server", "hf"]
 WeightSyncBackend = Literal["auto", "gloo", "nccl"]
 ModelDType = Literal["float32", "bfloat16", "float16"]
 ResumeMode = Literal["auto", "never", "required"]
-ImportanceCorrection = Literal["auto", "off", "token", "sequence"]
+ImportanceCorrection = Literal["auto", "none", "token", "sequence"]
 
 INT64_MAX = 2**63 - 1
 PositiveInt = Annotated[int, Field(ge=1, le=INT64_MAX)]
@@ -164,7 +164,7 @@ class AlgorithmConfig(Section):
         description=(
             "Truncated importance weight min(pi_old / pi_behaviour, importanceCap) on on-policy tokens, pi_behaviour "
             "being the engine's sampling probability: per `token`, or one weight per `sequence` (the product over "
-            "its tokens); `off`: none; `auto`: `token` when rollout.maxStaleness > 0, else `off`."
+            "its tokens); `none`: no weight; `auto`: `token` when rollout.maxStaleness > 0, else `none`."
         ),
     )
     importance_cap: Annotated[float, Field(gt=0.0)] = Field(
@@ -426,10 +426,10 @@ class TrainConfig(Section):
 
     @property
     def importance_level(self) -> str:
-        """The importance correction in force (`auto` resolved against rollout.maxStaleness): off, token, sequence."""
+        """The importance correction in force (`auto` resolved against rollout.maxStaleness): none, token, sequence."""
         level = self.algorithm.importance_correction
         if level == "auto":
-            return "token" if self.rollout.max_staleness > 0 else "off"
+            return "token" if self.rollout.max_staleness > 0 else "none"
         return level
 
     @property

@@ -54,7 +54,7 @@ def micro_batch_loss(
     totals: MiniBatchTotals,
     world_size: int = 1,
     *,
-    importance_level: ImportanceLevel = "off",
+    importance_level: ImportanceLevel = "none",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's share of one micro-batch in the mini-batch objective (summed over micro-batches and ranks) and its
     metrics: the policy-gradient parts and `loss` add up to the objective; `entropy` and `nll_loss` are parts of the
