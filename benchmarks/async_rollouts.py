@@ -35,6 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHAPES = {
     "h128x2": {},
+    "h256x2": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024,
+                   num_hidden_layers=2),
     "h256x4": dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024,
                    num_hidden_layers=4),
 }  # fmt: skip
@@ -150,7 +152,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="h256x4")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="h256x2")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs two CPUs (the rollout server on CPU 0, the trainer on CPU 1)")
