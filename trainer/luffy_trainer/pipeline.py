@@ -35,11 +35,6 @@ class RolloutBatch:
         return [s.weight_version for s in self.samples if s.weight_version is not None]
 
 
-def generation_version(step: int, max_staleness: int) -> int:
-    """The weight version batch `step` is generated from on the fixed schedule."""
-    return max(0, step - 1 - max_staleness)
-
-
 def staleness_metrics(batch: RolloutBatch, max_staleness: int) -> dict[str, float]:
     """Staleness (versions between generation and the weights it trains) of a batch's completions; raises if any
     completion is staler than the bound, the invariant the schedule guarantees."""
@@ -57,8 +52,7 @@ def staleness_metrics(batch: RolloutBatch, max_staleness: int) -> dict[str, floa
 class RolloutPipeline:
     """Batches produced by one worker thread in submission order; the trainer takes them by step."""
 
-    def __init__(self, produce: Callable[..., RolloutBatch], max_staleness: int) -> None:
-        self.max_staleness = max_staleness
+    def __init__(self, produce: Callable[..., RolloutBatch]) -> None:
         self._produce = produce
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="luffy-rollout-batch")
         self._batches: dict[int, Future[RolloutBatch]] = {}

@@ -230,7 +230,7 @@ class LuffyTrainer:
         self.reward_pool = RewardPool(cfg.reward.name, cfg.reward.num_workers, cfg.reward.timeout_s)
         if self.algorithm.uses_rollouts or self.val_examples:
             self.engine = build_rollout_engine(cfg, cfg.model.path)
-        self.rollouts = RolloutPipeline(self._produce, self.max_staleness)
+        self.rollouts = RolloutPipeline(self._produce)
         self.rollouts.load_state_dict(self.resumed_batches)
 
     # --- one step --------------------------------------------------------------------------------------------------
