@@ -85,3 +85,31 @@ class MlflowServer:
             self.process.wait(timeout=30)
         self.process = None
         self.log.close()
+
+
+def train_process(config_path: Path, env: dict) -> subprocess.Popen:
+    """luffy train CONFIG in a process group of its own, so a test can signal it whole."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "luffy_trainer.cli", "train", str(config_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Block until path exists; fail with the output tail if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read().decode()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s}s")
+        time.sleep(0.2)
+
+
+def trainer_env(**extra) -> dict:
+    """This environment without MLFLOW_TRACKING_URI (the configs name their server), plus extra."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, **extra}

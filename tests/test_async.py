@@ -20,8 +20,7 @@ import yaml
 from luffy_trainer.config import ConfigError, parse_config
 from luffy_trainer.train import LuffyTrainer
 from mlflow.tracking import MlflowClient
-from servers import free_port
-from test_train import _env, _train_process, _wait_for
+from servers import free_port, train_process, trainer_env, wait_for
 from tiny_training import write_task
 
 pytestmark = pytest.mark.vllm
@@ -222,11 +221,11 @@ def test_sigkill_and_resume_with_staleness_gives_the_uninterrupted_losses(
         try:
             server.wait_healthy()
             if name == "killed":
-                first = _train_process(path, _env())
-                _wait_for(work / "ckpt" / "step_000004" / "trainer_state.pt", first, timeout_s=300)
+                first = train_process(path, trainer_env())
+                wait_for(work / "ckpt" / "step_000004" / "trainer_state.pt", first, timeout_s=300)
                 os.killpg(first.pid, signal.SIGKILL)
                 first.wait(timeout=30)
-            proc = _train_process(path, _env())
+            proc = train_process(path, trainer_env())
             output = proc.communicate(timeout=600)[0].decode()
         finally:
             server.stop()

@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from luffy_trainer.config import parse_config
 from luffy_trainer.tracking import STEP_MARKER
 from luffy_trainer.train import LuffyTrainer
 from mlflow.tracking import MlflowClient
-from servers import MlflowServer
+from servers import MlflowServer, train_process, trainer_env, wait_for
 from tiny_training import write_task
 
 pytestmark = pytest.mark.vllm
@@ -95,31 +92,6 @@ def test_short_run_logs_params_metrics_and_model(short_training_run):
     assert (work / "out" / "best" / "model.safetensors").is_file()
 
 
-def _train_process(config_path: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "luffy_trainer.cli", "train", str(config_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early ({proc.returncode}):\n{proc.stdout.read().decode()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout_s}s")
-        time.sleep(0.2)
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, **extra}
-
-
 def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
     tiny_run_config, task_dir, tmp_path, mlflow_server
 ):
@@ -132,13 +104,13 @@ def test_sigkill_after_checkpoint_then_restart_continues_the_same_run(
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    first = _train_process(path, _env())
-    _wait_for(tmp_path / "ckpt" / "step_000004" / "trainer_state.pt", first, timeout_s=300)
+    first = train_process(path, trainer_env())
+    wait_for(tmp_path / "ckpt" / "step_000004" / "trainer_state.pt", first, timeout_s=300)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL
 
-    second = _train_process(path, _env())
+    second = train_process(path, trainer_env())
     output = second.communicate(timeout=600)[0].decode()
     assert second.returncode == 0, output[-4000:]
     assert "resumed from" in output and "step_000004" in output
@@ -171,8 +143,8 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_a_resumed_run_continues_
     path.write_text(yaml.safe_dump(config))
     ckpt = tmp_path / "ckpt"
 
-    first = _train_process(path, _env())
-    _wait_for(ckpt / "step_000003" / "trainer_state.pt", first, timeout_s=300)
+    first = train_process(path, trainer_env())
+    wait_for(ckpt / "step_000003" / "trainer_state.pt", first, timeout_s=300)
     os.kill(first.pid, signal.SIGTERM)
     output = first.communicate(timeout=300)[0].decode()
     assert first.returncode == contract.PREEMPTED_EXIT_CODE, output[-4000:]
@@ -189,7 +161,7 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_a_resumed_run_continues_
     assert run.info.status == "KILLED"
     assert _history_steps(client, run.info.run_id, STEP_MARKER) == list(range(1, stopped + 1))
 
-    second = _train_process(path, _env())
+    second = train_process(path, trainer_env())
     output = second.communicate(timeout=600)[0].decode()
     assert second.returncode == 0, output[-4000:]
     assert f"resumed from {ckpt / f'step_{stopped:06d}'}" in output
@@ -218,10 +190,10 @@ def test_tracking_server_down_during_part_of_a_run_loses_no_metrics(tiny_run_con
         )
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(config))
-        proc = _train_process(path, _env(MLFLOW_TRACKING_URI=server.uri))
-        _wait_for(tmp_path / "ckpt" / "step_000002" / "trainer_state.pt", proc, timeout_s=300)
+        proc = train_process(path, trainer_env(MLFLOW_TRACKING_URI=server.uri))
+        wait_for(tmp_path / "ckpt" / "step_000002" / "trainer_state.pt", proc, timeout_s=300)
         server.stop()
-        _wait_for(tmp_path / "ckpt" / "step_000008" / "trainer_state.pt", proc, timeout_s=300)
+        wait_for(tmp_path / "ckpt" / "step_000008" / "trainer_state.pt", proc, timeout_s=300)
         server.start()
         output = proc.communicate(timeout=600)[0].decode()
         assert proc.returncode == 0, output[-4000:]
