@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 from luffy_trainer.demo.tasks import (
+    BASE_NONZERO,
     MAX_SUM,
+    TASK_NONZERO,
     VAL_PER_TOTAL,
     arithmetic_rows,
     constant_answer_accuracy,
@@ -23,16 +25,16 @@ def operands(row: dict) -> list[int]:
     return [int(x) for x in question(row).removesuffix(" = ?").split(" + ")]
 
 
-def test_problems_respect_the_digit_and_sum_limits():
+def test_problems_respect_the_digit_sum_and_nonzero_limits():
     for n in (2, 4, 5):
-        found = problems(n)
-        assert found and all(len(p) == n and min(p) >= 1 and sum(p) <= MAX_SUM for p in found)
-    assert len(problems(2)) == 36  # pairs (a, b) of 1..9 with a + b <= 9
-    assert len(problems(5)) == 126  # C(9, 5): five positive digits with sum at most 9
+        found = problems(n, TASK_NONZERO if n > 2 else BASE_NONZERO)
+        assert found and all(len(p) == n and min(p) >= 0 and sum(p) <= MAX_SUM for p in found)
+    assert len(problems(2, BASE_NONZERO)) == 36  # pairs (a, b) of 1..9 with a + b <= 9
+    assert all(sum(x > 0 for x in p) >= 3 for p in problems(5, TASK_NONZERO))
 
 
-def test_solution_is_a_running_sum_graded_correct():
-    trace = solution_steps([3, 1, 4])
+def test_solution_is_a_running_sum_of_the_nonzero_operands_graded_correct():
+    trace = solution_steps([3, 0, 1, 4])
     assert trace == "<think>\n3 + 1 = 4\n4 + 4 = 8\n</think>\n\\boxed{8}"
     # The reward prepends "<think>\n" (the chat template opened it), so grade the trace without it.
     assert math_verify_reward(trace.removeprefix("<think>\n"), "8") == 1.0
@@ -47,14 +49,15 @@ def test_splits_are_disjoint_and_in_the_luffy_schema():
         assert row["reward_model"]["ground_truth"] == str(sum(operands(row)))
         assert row["target"][0]["role"] == "assistant"
         assert row["target"][0]["content"].endswith(f"\\boxed{{{sum(operands(row))}}}")
-    assert {len(operands(r)) for r in rows["base"]} == {2}
+    assert {sum(x > 0 for x in operands(r)) for r in rows["base"]} == {2}
     assert {len(operands(r)) for r in rows["train"]} == {5}
 
 
-def test_one_addition_of_two_operands_never_answers_a_training_problem():
-    """What the base model knows (one addition) is at least 3 short of every five-term total."""
-    for p in problems(5):
-        assert all(p[i] + p[j] <= sum(p) - 3 for i in range(5) for j in range(i + 1, 5))
+def test_no_operand_and_no_sum_of_two_answers_a_training_problem():
+    """What the base model knows (copy a number, add two) never reaches a training or held-out total."""
+    for n in (4, 5):
+        for p in problems(n, TASK_NONZERO):
+            assert sum(p) not in set(p) | {p[i] + p[j] for i in range(n) for j in range(i + 1, n)}
 
 
 def test_held_out_sets_have_no_dominant_answer():

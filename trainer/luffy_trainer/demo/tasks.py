@@ -1,14 +1,15 @@
 """A generated reasoning task for the quickstart: five-term sums, with worked solutions as off-policy traces.
 
-Operands are digits 1-9 and every sum stays at most 9, so each step is one of 36 addition facts of single digits,
+Operands are digits 0-9 and every sum stays at most 9, so each step is one of 55 addition facts of single digits,
 each one token. Three splits, in the released LUFFY parquet schema:
-- `base`: one-step sums "a + b". A supervised warm-up on them (long enough that the model answers every one the
-  same way) gives the tiny model what a pretrained base model brings: the answer format and every addition fact.
-- `train`: five operands, each row with its step-by-step trace ("1 + 2 = 3", "3 + 1 = 4", ...), the way DeepSeek-R1
-  traces come with OpenR1-Math. The base model has only ever added two numbers, and one addition of two of five
-  positive digits is always at least 3 short of the total: answering the way it knows, it is never right, so GRPO's
-  groups start all wrong, every advantage 0, and on-policy RL has nothing to learn from until a sample strays onto
-  a right answer (the training totals are only 7, 8 and 9, so a guess can). The traces show the chain.
+- `base`: problems of two to five operands with exactly two nonzero, solved with one addition. A supervised warm-up
+  on them (long enough that the model answers every one the same way) gives the tiny model what a pretrained base
+  model brings: the answer format, every addition fact, and the habit of adding two numbers.
+- `train`: five operands, at least three nonzero, each row with its step-by-step trace over the nonzero operands
+  ("3 + 2 = 5", "5 + 3 = 8", ...), the way DeepSeek-R1 traces come with OpenR1-Math. With three nonzero operands no
+  operand and no sum of two is the total, so the base model, answering the way it knows, is never right: GRPO's
+  groups start all wrong, every advantage 0, and on-policy RL has nothing to learn from but a lucky guess. The traces
+  show the chain. Zeros make the problems many (1,596), so a model cannot pass by recalling the training problems.
 - `val`: five-operand sums never trained on (`unseen-5-terms`) and four-operand sums (`4-terms`), a kind never
   trained on, so the model has to run the procedure rather than recall answers. Both take at most VAL_PER_TOTAL
   problems of each total, so that no single answer is right for most of them (`constant_answer_accuracy`).
@@ -21,22 +22,33 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-DIGITS = range(1, 10)
+DIGITS = range(0, 10)
 MAX_SUM = 9
 TRAIN_OPERANDS = 5
 OTHER_OPERANDS = 4
 VAL_PER_TOTAL = 8
 
 
-def problems(n_operands: int) -> list[tuple[int, ...]]:
-    """Every tuple of `n_operands` digits 1-9 whose sum is at most MAX_SUM."""
-    return [p for p in itertools.product(DIGITS, repeat=n_operands) if sum(p) <= MAX_SUM]
+BASE_NONZERO = range(2, 3)
+TASK_NONZERO = range(3, TRAIN_OPERANDS + 1)
+
+
+def problems(n_operands: int, nonzero: range) -> list[tuple[int, ...]]:
+    """Every tuple of `n_operands` digits 0-9 whose sum is at most MAX_SUM and whose count of nonzero operands is in
+    `nonzero`."""
+    return [
+        p
+        for p in itertools.product(DIGITS, repeat=n_operands)
+        if sum(p) <= MAX_SUM and sum(x > 0 for x in p) in nonzero
+    ]
 
 
 def solution_steps(operands: list[int]) -> str:
-    """The worked solution: one running-sum line per addition, then the boxed answer after </think>."""
-    lines, total = [], operands[0]
-    for x in operands[1:]:
+    """The worked solution: the running sum of the nonzero operands, one line per addition, then the boxed answer
+    after </think>."""
+    terms = [x for x in operands if x]
+    lines, total = [], terms[0]
+    for x in terms[1:]:
         lines.append(f"{total} + {x} = {total + x}")
         total += x
     return "<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{total}}}"
@@ -79,13 +91,13 @@ def arithmetic_rows(
     """Rows of the three splits: `val` takes up to `val_per_total` problems of each total; `train` draws the other
     five-operand problems, each total equally often; `base` draws one-step sums."""
     rng = random.Random(seed)
-    five = _by_total(problems(TRAIN_OPERANDS), rng)
+    five = _by_total(problems(TRAIN_OPERANDS, TASK_NONZERO), rng)
     held_out = sorted(p for members in five.values() for p in members[:val_per_total])
     seen = {total: members[val_per_total:] for total, members in five.items() if members[val_per_total:]}
-    four = _by_total(problems(OTHER_OPERANDS), rng)
+    four = _by_total(problems(OTHER_OPERANDS, TASK_NONZERO), rng)
     other = sorted(p for members in four.values() for p in members[:val_per_total])
-    pairs = problems(2)
-    base = [_row(rng.choice(pairs), i, "base", "base") for i in range(n_base)]
+    one_addition = [problems(n, BASE_NONZERO) for n in range(2, TRAIN_OPERANDS + 1)]
+    base = [_row(rng.choice(rng.choice(one_addition)), i, "base", "base") for i in range(n_base)]
     totals = list(seen)
     train = [_row(rng.choice(seen[rng.choice(totals)]), i, "train", "train") for i in range(n_train)]
     val = [_row(p, i, "test", f"unseen-{TRAIN_OPERANDS}-terms") for i, p in enumerate(held_out)]
