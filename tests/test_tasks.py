@@ -27,8 +27,9 @@ def operands(row: dict) -> list[int]:
 
 def test_problems_respect_the_digit_sum_and_nonzero_limits():
     for n in (2, 4, 5):
-        found = problems(n, TASK_NONZERO if n > 2 else BASE_NONZERO)
-        assert found and all(len(p) == n and min(p) >= 0 and sum(p) <= MAX_SUM for p in found)
+        nonzero = TASK_NONZERO if n > 2 else BASE_NONZERO
+        found = problems(n, nonzero)
+        assert found and all(len(p) == n and sum(p) <= MAX_SUM and sum(x > 0 for x in p) in nonzero for p in found)
     assert len(problems(2, BASE_NONZERO)) == 36  # pairs (a, b) of 1..9 with a + b <= 9
     assert all(sum(x > 0 for x in p) >= 3 for p in problems(5, TASK_NONZERO))
 

@@ -1,7 +1,7 @@
 """A generated reasoning task for the quickstart: five-term sums, with worked solutions as off-policy traces.
 
-Operands are digits 0-9 and every sum stays at most 9, so each step is one of 55 addition facts of single digits,
-each one token. Three splits, in the released LUFFY parquet schema:
+Operands are digits 0-9 and every sum stays at most 9, and a worked solution adds only the nonzero ones, so each
+step is one of 36 addition facts of digits 1-9, each one token. Three splits, in the released LUFFY parquet schema:
 - `base`: problems of two to five operands with exactly two nonzero, solved with one addition. A supervised warm-up
   on them (long enough that the model answers every one the same way) gives the tiny model what a pretrained base
   model brings: the answer format, every addition fact, and the habit of adding two numbers.
@@ -27,8 +27,7 @@ MAX_SUM = 9
 TRAIN_OPERANDS = 5
 OTHER_OPERANDS = 4
 VAL_PER_TOTAL = 8
-
-
+# How many operands are nonzero: one addition for the base model, at least two for the task.
 BASE_NONZERO = range(2, 3)
 TASK_NONZERO = range(3, TRAIN_OPERANDS + 1)
 
@@ -89,7 +88,7 @@ def arithmetic_rows(
     n_base: int, n_train: int, seed: int = 0, val_per_total: int = VAL_PER_TOTAL
 ) -> dict[str, list[dict]]:
     """Rows of the three splits: `val` takes up to `val_per_total` problems of each total; `train` draws the other
-    five-operand problems, each total equally often; `base` draws one-step sums."""
+    five-operand problems, each total equally often; `base` draws problems of one addition."""
     rng = random.Random(seed)
     five = _by_total(problems(TRAIN_OPERANDS, TASK_NONZERO), rng)
     held_out = sorted(p for members in five.values() for p in members[:val_per_total])
