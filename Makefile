@@ -63,7 +63,7 @@ test: lint chart-venv scanner-venv
 	$(BIN)/python -m pytest -q -ra
 
 # LUFFY and the on-policy GRPO baseline from the same base model with the same step budget, ending with the verdict
-# line (about 5 minutes on 2 cores).
+# line (about 8 minutes on 2 cores: 3 for the base model, 2.5 per run).
 run: setup
 	$(BIN)/luffy quickstart --modes luffy grpo --seeds 1
 
